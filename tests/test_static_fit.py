@@ -2,8 +2,8 @@
 import time
 import pytest
 import torch
-from talkinggs.static_fit import (cpu_demo_config, fit_static, synthetic_scene, synthetic_views, ssim,
-                                  photometric_loss)
+from talkinggs.static_fit import (cpu_demo_config, gpu_demo_config, fit_static, synthetic_scene, synthetic_views,
+                                  ssim, photometric_loss)
 
 CPU_RESULT = {}
 
@@ -14,13 +14,17 @@ def test_ssim_and_loss():
     assert photometric_loss(a, 1 - a).item() > photometric_loss(a, (a + 0.05).clamp(0, 1)).item()
 
 
-def test_static_fit_cpu_64():
-    torch.set_num_threads(2)
+def _cpu_fit():
+    "The CPU setting: 64² images, torch backend on the CPU; returns (splats, history, seconds)."
     views = synthetic_views(synthetic_scene(), size=64, backend="torch")
     t = time.time()
     splats, hist = fit_static(*views["train"], cfg=cpu_demo_config(), eval_views=views["test"], device="cpu",
                               progress=False)
-    seconds = time.time() - t
+    return splats, hist, time.time() - t
+
+
+def test_static_fit_cpu_64():
+    splats, hist, seconds = _cpu_fit()
     print(f"CPU fit: {seconds:.0f} s, {len(splats['means'])} Gaussians, held-out PSNR {hist['eval_psnr'][-1]:.2f} dB")
     CPU_RESULT["psnr"] = hist["eval_psnr"][-1]
     assert len(splats["means"]) <= 2000
@@ -30,9 +34,9 @@ def test_static_fit_cpu_64():
 
 @pytest.mark.gpu
 def test_static_fit_gsplat_256_reaches_cpu_psnr():
+    cpu = CPU_RESULT["psnr"] if "psnr" in CPU_RESULT else _cpu_fit()[1]["eval_psnr"][-1]
     views = synthetic_views(synthetic_scene(device="cuda"), size=256, backend="gsplat")
-    splats, hist = fit_static(*views["train"], cfg=cpu_demo_config(backend="gsplat", grow_grad2d=2.5e-4),
-                              eval_views=views["test"], device="cuda", progress=False)
-    cpu = CPU_RESULT.get("psnr", 25.0)   # the CPU test's value when it ran in this session, else its threshold
+    splats, hist = fit_static(*views["train"], cfg=gpu_demo_config(), eval_views=views["test"], device="cuda",
+                              progress=False)
     print(f"gsplat fit at 256²: held-out PSNR {hist['eval_psnr'][-1]:.2f} dB (CPU reference {cpu:.2f} dB)")
     assert hist["eval_psnr"][-1] >= cpu
