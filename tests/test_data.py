@@ -194,3 +194,31 @@ def test_openface_import(tmp_path):
     p.write_text("\n".join(rows))
     e = load_openface_aus(p, 50)
     assert e.shape == (50, 7) and e.min() == 0 and e.max() == 1
+
+
+# ---------------------------------------------------------------- the synthetic head (committed in data_samples)
+
+def test_synthetic_head_pose_recovered():
+    import torch
+    from talkinggs.head_pose import fit_head_pose, project
+    d = repo_root() / "data_samples" / "synthetic_head"
+    assert sum(p.stat().st_size for p in d.iterdir()) <= 5e6
+    gt = np.load(d / "gt.npz")
+    T, size, f = len(gt["opening"]), 128, float(gt["Ks"][0, 0, 0])
+    torch.manual_seed(0)
+    kp = torch.tensor(gt["means"][gt["keypoint_idx"]])
+    R, t = torch.tensor(gt["viewmats"][:, :3, :3]), torch.tensor(gt["viewmats"][:, :3, 3])
+    uv = project(kp, R, t, torch.tensor(f), size / 2, size / 2) + 0.2 * torch.randn(T, len(kp), 2)
+    xc = torch.einsum("nij,mj->nmi", R, kp) + t[:, None]
+    zpx = (xc[..., 2] - xc[..., 2].mean(1, keepdim=True)) * f / t[:, 2:] * (1 + 0.1 * torch.randn(T, len(kp)))
+    L = np.zeros((T, 478, 3), np.float32); idx = list(range(len(kp)))
+    L[:, idx] = torch.cat([uv, zpx[..., None]], -1).numpy()
+    fit = fit_head_pose(L, np.ones(T, bool), size, size, idx=idx, progress=False)
+    Rf, tf = torch.tensor(fit["viewmats"][:, :3, :3]), torch.tensor(fit["viewmats"][:, :3, 3])
+    rel = (R @ R[0].T).transpose(1, 2) @ (Rf @ Rf[0].T)
+    ang = torch.rad2deg(torch.arccos(((rel.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
+    t_c = t + R @ kp.mean(0)                                   # the fit's origin is the keypoint centroid
+    tdir = (torch.nn.functional.normalize(tf, dim=-1) - torch.nn.functional.normalize(t_c, dim=-1)).norm(dim=-1)
+    assert ang.max() <= 1.0, ang.max()
+    assert tdir.max() <= 0.02, tdir.max()
+    assert abs(fit["focal"] / f - 1) <= 0.05, fit["focal"]
