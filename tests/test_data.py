@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from talkinggs.data import SAMPLES, find_sample, sha256sum, repo_root
 from talkinggs.video import VideoError, ffmpeg_exe, probe_video
@@ -174,6 +175,9 @@ def test_katie_end_to_end(tmp_path):
     item = ds[0]
     assert item["index"] == 182 and item["image"].dtype.is_floating_point
     assert item["mouth"].sum() <= item["face"].sum() <= item["head"].sum()
+    held = TalkingDataset(out, "test", frames_on_device=True)      # frames decoded once into a uint8 tensor
+    assert held.frames.dtype == torch.uint8 and held.frames.shape == (18, 512, 512, 3)
+    assert torch.equal(held[3]["image"], ds[3]["image"])
     with pytest.raises(FileExistsError, match="exists"):
         preprocess(KATIE, out, progress=False)
 
