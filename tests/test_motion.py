@@ -17,13 +17,7 @@ from talkinggs.core import look_at, intrinsics_from_fov
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "CI shares 2 cores between jobs; one intra-op thread avoids oversubscription stalls."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 # ---------------------------------------------------------------- hash grid

@@ -17,13 +17,7 @@ from talkinggs.fusion import render_face_mouth
 TINY = SyntheticClipConfig(n_frames=12, size=32, n_face=500, n_mouth=60, n_eyelid=12, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "CI shares 2 cores between jobs; one intra-op thread avoids oversubscription stalls."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
