@@ -5,6 +5,7 @@ import torch
 from talkinggs.static_fit import (cpu_demo_config, gpu_demo_config, fit_static, synthetic_scene, synthetic_views,
                                   ssim, photometric_loss)
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # one torch thread: stable timing on shared CI cores (conftest.py)
 CPU_RESULT = {}
 
 
