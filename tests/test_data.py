@@ -226,3 +226,72 @@ def test_synthetic_head_pose_recovered():
     assert ang.max() <= 1.0, ang.max()
     assert tdir.max() <= 0.02, tdir.max()
     assert abs(fit["focal"] / f - 1) <= 0.05, fit["focal"]
+
+
+# ---------------------------------------------------------------- optional face-alignment backend (item 2)
+
+from talkinggs.landmarks import (BackendUnavailable, FaceAlignment68, FaceMesh, face_alignment_available,
+                                 face_alignment_missing, landmark_distance, to_68)
+
+FA_MISSING = face_alignment_missing()
+
+
+def test_face_alignment_unavailable_clear_error(tmp_path, monkeypatch):
+    "An empty torch hub folder: a one-line error naming what is missing, and nothing is downloaded or created."
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    msg = face_alignment_missing()
+    assert msg is not None and not face_alignment_available()
+    with pytest.raises(BackendUnavailable) as e:
+        FaceAlignment68("cpu")
+    assert str(e.value) == msg and "\n" not in msg and "face-alignment" in msg
+    try:
+        import face_alignment  # noqa: F401
+    except Exception:
+        assert "pip install face-alignment" in msg
+    else:
+        assert "weights not found" in msg and str(hub / "checkpoints") in msg and "2DFAN4" in msg and "s3fd" in msg
+    assert not hub.exists()
+
+
+def _fake_face_alignment(monkeypatch):
+    "Stand-in face_alignment modules carrying only the weight-URL tables that talkinggs reads."
+    import types
+    urls = {"face_alignment.api": {"2DFAN-4": "https://example.org/x/2DFAN4-abc.pth.tar"},
+            "face_alignment.detection.sfd.sfd_detector": {"s3fd": "https://example.org/x/s3fd-def.pth"}}
+    for name in ["face_alignment", "face_alignment.detection", "face_alignment.detection.sfd", *urls]:
+        m = types.ModuleType(name)
+        if name in urls: m.models_urls = urls[name]
+        monkeypatch.setitem(sys.modules, name, m)
+
+
+def test_face_alignment_weight_lookup(tmp_path, monkeypatch):
+    "Weight files are looked up by the package's own URL names in torch hub's checkpoint folder."
+    _fake_face_alignment(monkeypatch)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    ckpt = tmp_path / "checkpoints"
+    msg = face_alignment_missing()
+    assert "2DFAN4-abc.pth.tar" in msg and "s3fd-def.pth" in msg and str(ckpt) in msg
+    assert "https://example.org/x/2DFAN4-abc.pth.tar" in msg
+    ckpt.mkdir(); (ckpt / "s3fd-def.pth").write_bytes(b"0")
+    msg = face_alignment_missing()
+    assert "2DFAN4-abc.pth.tar" in msg and "s3fd-def.pth" not in msg
+    (ckpt / "2DFAN4-abc.pth.tar").write_bytes(b"0")
+    assert face_alignment_missing() is None and face_alignment_available()
+
+
+@needs_katie
+@pytest.mark.skipif(FA_MISSING is not None, reason=f"optional backend unavailable: {FA_MISSING}")
+def test_face_alignment_on_katie_first_frame():
+    "With the weights present: 68 finite points inside the frame, close to mediapipe's mapped 68 points."
+    import imageio_ffmpeg
+    gen = imageio_ffmpeg.read_frames(str(KATIE)); meta = next(gen)
+    w, h = meta["size"]
+    img = np.frombuffer(next(gen), np.uint8).reshape(h, w, 3)
+    fa = FaceAlignment68("cpu")(img)                                   # [68, 2]
+    assert fa.shape == (68, 2) and np.isfinite(fa).all()
+    assert (fa >= 0).all() and (fa[:, 0] < w).all() and (fa[:, 1] < h).all()
+    with FaceMesh(video_mode=False) as fm:
+        mp68 = to_68(fm(img))[:, :2]                                   # [68, 2]
+    assert fa[8, 1] > fa[27, 1] and fa[36, 0] < fa[45, 0]             # chin below the nose bridge; eyes in order
+    assert landmark_distance(fa, mp68, normalize=True) < 0.15
