@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['AudioEncoderConfig', 'AudioConvEncoder', 'TemporalAttention', 'neighbour_indices', 'AudioEncoder']

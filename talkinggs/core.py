@@ -4,8 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #139a4a1b
 from __future__ import annotations
-import dataclasses, json, math, os, random
-from dataclasses import dataclass, field
+import dataclasses, json, math, random
 from pathlib import Path
 from typing import Any, Sequence
 

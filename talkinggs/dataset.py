@@ -78,7 +78,7 @@ def preprocess(video: str | Path,                # input video (any container/co
         n_max, S = len(scan.found) + 2, cfg.size
         person = np.lib.format.open_memmap(tmp / "person.npy", "w+", np.uint8, (n_max, S, S // 8))  # packed bits, on disk
         plate_at = set(np.linspace(0, len(scan.found) - 1, cfg.plate_frames).round().astype(int).tolist())
-        lms, plate_imgs, plate_idx = [], [], []
+        lms, plate_imgs = [], []
         with FaceMesh() as fm, PersonSegmenter() as seg:
             for i, img in enumerate(tqdm(iter_frames(video, cfg.fps, crop=box, size=S), total=len(scan.found),
                                          desc="frames", disable=not progress)):
@@ -88,7 +88,7 @@ def preprocess(video: str | Path,                # input video (any container/co
                 person[i] = np.packbits(seg(img) > cfg.person_threshold, axis=1)
                 ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
                 buf.tofile(tmp / "frames" / f"{i:06d}.jpg")
-                if i in plate_at: plate_imgs.append(img.copy()); plate_idx.append(i)
+                if i in plate_at: plate_imgs.append(img.copy())
         n = len(lms)
         lms = np.stack(lms); found = ~np.isnan(lms[:, 0, 0])
         check_faces(found, np.full(n, 1e9), video.name, cfg.min_face_fraction, 0)
@@ -100,7 +100,7 @@ def preprocess(video: str | Path,                # input video (any container/co
             lab = frame_labels(lms[i], np.unpackbits(person[i], axis=1, count=S).astype(bool))
             cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), lab)
             mouth_area[i] = (lab == MOUTH).mean()
-            if i in plate_idx: plate_labs.append(lab)
+            if i in plate_at: plate_labs.append(lab)
         del person; (tmp / "person.npy").unlink()
         plate = background_plate(np.stack(plate_imgs), np.stack(plate_labs))
         cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
@@ -155,7 +155,7 @@ class TalkingDataset(torch.utils.data.Dataset):
         self.e = torch.from_numpy(act["e"]).float()                                    # [N, 7]
         self.signals = {k: torch.from_numpy(act[k]).float() for k in ("lips_open", "au25", "au45")}  # each [N]
         self.audio = np.load(self.root / "audio_feats.npy", mmap_mode="r")             # [N, 16, D] memory-mapped
-        self.plate = self._read(self.root / "background.png")                          # [H, W, 3] uint8
+        self.plate = torch.from_numpy(self._read(self.root / "background.png")).to(self.device)  # [H, W, 3] uint8, once
         self.frames = None
         if frames_on_device:
             self.frames = torch.empty((len(self.idx), self.meta["height"], self.meta["width"], 3), dtype=torch.uint8,
@@ -184,8 +184,7 @@ class TalkingDataset(torch.utils.data.Dataset):
         img = self.frames[k] if self.frames is not None else torch.from_numpy(self.image(i)).to(self.device)  # [H, W, 3]
         lab = self.labels(i)
         masks = {name: torch.from_numpy(m).to(self.device) for name, m in split_labels(lab).items()}         # [H, W] bool
-        plate = torch.from_numpy(self.plate).to(self.device)
-        torso_bg = torch.where(masks["head"][..., None], plate, img)                                          # [H, W, 3]
+        torso_bg = torch.where(masks["head"][..., None], self.plate, img)                                          # [H, W, 3]
         d = self.device
         return dict(index=i, image=img.float() / 255, torso_bg=torso_bg.float() / 255, **masks,
                     viewmat=self.viewmats[i].to(d), K=self.Ks[i].to(d), e=self.e[i].to(d),

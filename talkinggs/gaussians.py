@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn.functional as F
-from .core import quat_to_rotmat, get_device
+from .core import quat_to_rotmat
 
 # %% auto #0
 __all__ = ['SH_C0', 'SH_C1', 'SH_C2', 'SH_C3', 'scale_act', 'scale_inv', 'opacity_act', 'opacity_inv', 'quat_act',

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['PRIMES_2D', 'PLANES', 'HashGridConfig', 'growth_factor', 'level_resolutions', 'level_table_sizes', 'hash_index',

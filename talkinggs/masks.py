@@ -6,7 +6,7 @@
 from __future__ import annotations
 import cv2
 import numpy as np
-from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval, LIP_GAP_PAIRS, RIGHT_EYE, LEFT_EYE
+from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval
 
 # %% auto #0
 __all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'PersonSegmenter', 'frame_labels', 'split_labels',

@@ -5,7 +5,7 @@
 # %% ../nbs/03_static_fit.ipynb #d6e19a52
 from __future__ import annotations
 import math, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 import torch
 import torch.nn.functional as F
@@ -178,7 +178,8 @@ def render_views(splats: torch.nn.ParameterDict, viewmats: torch.Tensor, Ks: tor
     dev = splats["means"].device
     deg = sh_degree_of(splats) if sh_degree is None else sh_degree
     bg = torch.tensor([background], device=dev, dtype=torch.float32)
-    return torch.cat([rasterize(**activate(splats), viewmats=v[None].to(dev), Ks=k[None].to(dev), width=width,
+    params = activate(splats)                                     # once, shared by every camera
+    return torch.cat([rasterize(**params, viewmats=v[None].to(dev), Ks=k[None].to(dev), width=width,
                                 height=height, sh_degree=deg, backgrounds=bg, backend=backend)[0]
                       for v, k in zip(viewmats, Ks)]).clamp(0, 1)
 
