@@ -4,11 +4,11 @@
 
 # %% ../nbs/90_bench.ipynb #e14466d0
 from __future__ import annotations
-import platform, resource, statistics, time
+import platform, resource
 from typing import Sequence
 import torch
 from fastcore.script import call_parse, Param
-from .core import get_device, seed_everything, look_at, intrinsics_from_fov
+from .core import get_device, seed_everything, look_at, intrinsics_from_fov, median_ms
 from .gaussians import init_from_points, activate
 from .rasterize import rasterize, gsplat_available
 
@@ -21,16 +21,6 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
-
-def _timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    "Median wall time of `fn()` in ms, synchronising CUDA around each run."
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup): fn()
-    times = []
-    for _ in range(repeats):
-        sync(); t = time.perf_counter(); fn(); sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 def bench_scene(n: int, device: torch.device, seed: int = 0) -> torch.nn.ParameterDict:
     "n random Gaussians in a ball of radius 1 with SH degree 3 (a head-sized scene seen from 2.7 units)."
@@ -65,8 +55,8 @@ def bench_render(ns: Sequence[int] = (10_000, 100_000, 300_000),  # scene sizes
                 img, alpha, _ = rasterize(**activate(sc), viewmats=vm, Ks=K, width=size, height=size, sh_degree=3, backend=be)
                 (img.sum() + alpha.sum()).backward()
             if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
-            f_ms = _timed(fwd, dev, repeats, warmup)
-            fb_ms = _timed(fwd_bwd, dev, repeats, warmup)
+            f_ms = median_ms(fwd, dev, repeats, warmup)
+            fb_ms = median_ms(fwd_bwd, dev, repeats, warmup)
             peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
             row = dict(backend=be, n=n, size=size, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, fps=1000 / f_ms, peak_mib=peak,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #139a4a1b
 from __future__ import annotations
-import dataclasses, json, math, random
+import dataclasses, json, math, random, statistics, time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['seed_everything', 'get_device', 'update_config', 'save_config', 'load_config', 'quat_to_rotmat', 'rotmat_to_quat',
-           'fov_to_focal', 'focal_to_fov', 'intrinsics_from_fov', 'look_at', 'camera_centers', 'orbit_viewmats',
-           'world_to_camera', 'project_points', 'check_image', 'psnr', 'show_images']
+__all__ = ['seed_everything', 'get_device', 'median_ms', 'update_config', 'save_config', 'load_config', 'quat_to_rotmat',
+           'rotmat_to_quat', 'fov_to_focal', 'focal_to_fov', 'intrinsics_from_fov', 'look_at', 'camera_centers',
+           'orbit_viewmats', 'world_to_camera', 'project_points', 'check_image', 'psnr', 'show_images']
 
 # %% ../nbs/00_core.ipynb #c7db9c99
 def seed_everything(seed: int = 0) -> None:
@@ -29,6 +29,21 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+# %% ../nbs/00_core.ipynb #d5402e29
+def median_ms(fn,                     # a function of no arguments to time
+              device: torch.device,   # where it runs (CUDA is synchronised around each run)
+              repeats: int = 5,       # timed runs
+              warmup: int = 2,        # untimed runs first (compilation, caches)
+             ) -> float:              # median wall time in milliseconds
+    "Median wall time of `fn()` in ms over `repeats` runs after `warmup` runs."
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup): fn()
+    times = []
+    for _ in range(repeats):
+        sync(); t = time.perf_counter(); fn(); sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
 
 # %% ../nbs/00_core.ipynb #e327c629
 def update_config(cfg: Any,         # a dataclass instance

@@ -4,12 +4,13 @@
 
 # %% ../nbs/22_motion_field.ipynb #96354d83
 from __future__ import annotations
-import dataclasses, time
+import dataclasses
 from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.script import call_parse
+from .core import median_ms
 from .hashgrid import HashGridConfig, TriPlaneConfig, TriPlaneEncoder
 
 # %% auto #0
@@ -175,16 +176,6 @@ def fit_motion(field: MotionField,            # a field with audio_dim = conditi
     return losses
 
 # %% ../nbs/22_motion_field.ipynb #fbd2ff8b
-def _timeit(fn, iters: int, warmup: int, device: torch.device) -> float:
-    "Median milliseconds of `fn()` over `iters` calls after `warmup` calls (synchronising CUDA)."
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup): fn()
-    sync()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter(); fn(); sync(); ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[len(ts) // 2]
-
 def bench_motion(device: str = "cuda",                  # "cuda" or "cpu"
                  n_points: tuple = (50_000, 200_000),   # numbers of Gaussians
                  modes: tuple = ("eager", "compile", "tcnn"),  # which variants to time (tcnn skipped when absent)
@@ -216,7 +207,7 @@ def bench_motion(device: str = "cuda",                  # "cuda" or "cpu"
                 def fwd_bwd():
                     out = fn(means, audio, expr)
                     sum(v.float().sum() for k, v in out.items() if k.startswith("d_")).backward()
-                row = dict(n=n, mode=mode, forward_ms=_timeit(fwd, iters, warmup, dev), fwd_bwd_ms=_timeit(fwd_bwd, iters, warmup, dev))
+                row = dict(n=n, mode=mode, forward_ms=median_ms(fwd, dev, iters, warmup), fwd_bwd_ms=median_ms(fwd_bwd, dev, iters, warmup))
             except Exception as ex:   # e.g. torch.compile without a working compiler: report, keep going
                 print(f"{n:>9} {mode:>8}   failed: {type(ex).__name__}: {str(ex)[:120]}"); continue
             rows.append(row)
