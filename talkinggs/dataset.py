@@ -42,7 +42,7 @@ class PreprocessConfig:
     plate_frames: int = 60           # frames sampled for the background plate
     pose_iters: int = 600            # Adam steps of the head-pose fit (chapter 13)
     pose_smooth: float = 0.05        # pose-acceleration weight (chapter 13)
-    test_every: int = 11             # the last 1/test_every of the frames is the test split
+    test_every: int = 11             # the last ceil(n/test_every) frames are the test split
 
 def _versions() -> dict:
     import mediapipe, librosa, imageio_ffmpeg
@@ -120,7 +120,7 @@ def preprocess(video: str | Path,                # input video (any container/co
         times["total"] = time.perf_counter() - t0
 
         gap = np.mean([np.linalg.norm(lms[:, a, :2] - lms[:, b, :2], axis=-1) for a, b in LIP_GAP_PAIRS], 0)
-        n_train = n - n // cfg.test_every
+        n_train = n - -(-n // cfg.test_every)                       # ceil: 200 frames -> 181 train / 19 test
         meta = dict(source=str(video.resolve()), source_info=asdict(info), audio_source=str(audio or video),
                     crop=dict(x0=box[0], y0=box[1], side=box[2]), n_frames=n, fps=cfg.fps, width=S, height=S,
                     sample_rate=cfg.sr, split=dict(train=[0, n_train], test=[n_train, n]),

@@ -98,8 +98,14 @@ class MotionField(nn.Module):
                 expr: torch.Tensor | None = None,       # [E] (or [N, E]) expression e
                ) -> dict[str, torch.Tensor]:
         "Per-Gaussian offsets: d_means [N,3], d_scales [N,3], d_quats [N,4] (deform) | d_means (translate) | d_sh0 [N,1,3], d_opacities [N] (appearance)."
-        cfg, n = self.cfg, len(means)
-        h = self.encoder(means)                                          # [N, 3LF]
+        return self.decode(self.encoder(means), audio, expr)
+
+    def decode(self, h: torch.Tensor,                   # [N, 3LF] tri-plane features H(μ) (constant at inference)
+               audio: torch.Tensor | None = None,      # [A] (or [N, A]) audio code a
+               expr: torch.Tensor | None = None,       # [E] (or [N, E]) expression e
+              ) -> dict[str, torch.Tensor]:
+        "The offsets from given tri-plane features: at inference the centres do not move, so H(μ) can be cached."
+        cfg, n = self.cfg, len(h)
         a = self._cond(audio, cfg.audio_dim, n, "audio")                 # [N, A] or None
         e = self._cond(expr, cfg.expr_dim, n, "expr")                    # [N, E] or None
         out = {}
