@@ -71,7 +71,8 @@ def bench_render(ns: Sequence[int] = (10_000, 100_000, 300_000),  # scene sizes
 
 # %% ../nbs/90_bench.ipynb #98b54c0d
 @call_parse
-def bench_cli(what: Param("what to benchmark: render or motion", str),
+def bench_cli(what: Param("what to benchmark: render, motion, train or infer", str),
+              path: Param("data folder (train) or run folder (infer)", str) = "",
               ns: Param("comma-separated scene sizes (render) or point counts (motion)", str) = "",
               size: Param("image size in pixels (render)", int) = 512,
               backends: Param("comma-separated backends (default: all available)", str) = "",
@@ -88,5 +89,9 @@ def bench_cli(what: Param("what to benchmark: render or motion", str),
         except ImportError as e:
             raise SystemExit(f"talkinggs bench motion: the motion-field module is not available ({e})")
         bench_motion(**({"n_points": counts} if counts else {}), device="cuda" if device == "auto" else device)
+    elif what in ("train", "infer"):
+        if not path: raise SystemExit(f"talkinggs bench {what}: give --path (a data folder for train, a run folder for infer)")
+        from talkinggs.synthesize import bench_train, bench_infer
+        (bench_train if what == "train" else bench_infer)(path, device=device)
     else:
-        raise SystemExit(f"talkinggs bench: unknown benchmark {what!r}; choose render or motion")
+        raise SystemExit(f"talkinggs bench: unknown benchmark {what!r}; choose render, motion, train or infer")

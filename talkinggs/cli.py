@@ -9,7 +9,10 @@ from fastcore.script import anno_parser
 
 COMMANDS = {  # sub-command -> (module, function, one-line help)
     "preprocess": ("talkinggs.dataset", "preprocess_cli", "video -> training folder: `talkinggs preprocess VIDEO --out DIR`"),
-    "bench": ("talkinggs.bench", "bench_cli", "benchmarks: `talkinggs bench render` / `talkinggs bench motion`"),
+    "train": ("talkinggs.synthesize", "train_cli", "training folder -> run folder: `talkinggs train DATA --out RUN [--preset fast|paper] [--resume]`"),
+    "render": ("talkinggs.synthesize", "render_cli", "run -> video: `talkinggs render RUN [--audio new.wav] --out video.mp4`"),
+    "eval": ("talkinggs.synthesize", "eval_cli", "self-driven metrics on the test split: `talkinggs eval RUN`"),
+    "bench": ("talkinggs.bench", "bench_cli", "benchmarks: `talkinggs bench render|motion|train|infer`"),
 }
 
 def _usage() -> str:
