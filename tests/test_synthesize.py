@@ -1,0 +1,116 @@
+"""Tests of chapter 31 on the CPU: rendering with new audio, streaming, evaluation and the run-folder errors, on a
+briefly trained synthetic head (64x64). Quality is not the point here (tests/test_train.py checks learning)."""
+import json, subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from talkinggs.data import repo_root
+from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.train import FrameStore, train, cpu_demo_train_config
+from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, evaluate, drive_track,
+                                  audio_features, background_for)
+from talkinggs.metrics import to_uint8
+from talkinggs.video import probe_video, iter_frames
+
+HEAD = repo_root() / "data_samples" / "synthetic_head"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    "A synthetic clip at 64x64 and a run trained for a few iterations of every stage."
+    d = tmp_path_factory.mktemp("synth")
+    data = preprocess(HEAD / "video.mp4", d / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80)
+    train(data, d / "run", cfg, device="cpu", progress=False)
+    return data, d / "run"
+
+
+def test_load_run_errors(tmp_path, trained):
+    with pytest.raises(FileNotFoundError, match="no model.pt"):
+        load_run(tmp_path, "cpu")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        load_run(tmp_path, "cpu")
+    data, run = trained
+    with pytest.raises(FileNotFoundError, match="data folder"):
+        load_run(run, "cpu", data=tmp_path / "nowhere")
+
+
+def test_drive_track_and_backgrounds(trained):
+    data, run = trained
+    store = FrameStore(data, "cpu", progress=False)
+    n_train = len(store.train_idx)
+    tr = drive_track(store, 3 * n_train)
+    assert len(tr) == 3 * n_train and set(tr) <= set(store.train_idx.tolist())
+    assert (np.abs(np.diff(tr)) == 1).all()                       # no jump: forwards, then backwards, ...
+    for kind in ("torso", "plate", "white", "black"):
+        bg = background_for(store, int(tr[0]), kind)
+        assert bg.min() >= 0 and bg.max() <= 1
+    with pytest.raises(ValueError, match="background"):
+        background_for(store, 0, "green")
+
+
+def test_render_with_new_audio_any_length(trained, tmp_path):
+    "A new audio file longer than the clip: one frame per 1/25 s, audio muxed in, poses looped."
+    data, run = trained
+    meta = json.loads((data / "meta.json").read_text())
+    sr = meta["sample_rate"]
+    t = np.arange(int(7.0 * sr)) / sr                              # 7 s, longer than the ~5 s clip
+    wav = (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 1.5 * t) > 0)).astype(np.float32)
+    from scipy.io import wavfile
+    wavfile.write(tmp_path / "new.wav", sr, (wav * 32767).astype(np.int16))
+    feats, _ = audio_features(tmp_path / "new.wav", meta)
+    assert feats.shape[0] == 175 and feats.shape[1:] == (16, meta["config"]["audio_dim"])
+    r = render_video(run, tmp_path / "out.mp4", audio=tmp_path / "new.wav", device="cpu", progress=False)
+    assert r["frames"] == 175
+    info = probe_video(tmp_path / "out.mp4")
+    assert (info.width, info.height) == (64, 64) and info.audio_codec is not None
+    assert abs(info.duration - 7.0) < 0.2
+    assert len(list(iter_frames(tmp_path / "out.mp4", 25.0))) == 175
+    assert not list(tmp_path.glob(".*"))                           # no temporary files left
+
+
+def test_stream_matches_offline(trained):
+    "Frames streamed from 0.1 s audio chunks equal offline rendering up to the log-mel floor difference."
+    data, run = trained
+    head, data, _ = load_run(run, "cpu")
+    store = FrameStore(data, "cpu", progress=False)
+    meta = store.meta
+    feats, wav = audio_features(data / "audio.wav", meta)
+    n = 40
+    wav = wav[: int(n * meta["sample_rate"] / meta["fps"])]
+    feats = torch.from_numpy(audio_features(wav, meta)[0])
+    r = Renderer(head, backend="torch")
+    track = drive_track(store, n)
+    offline = [to_uint8(r.frame(feats, t, store.viewmats[int(i)], store.Ks[int(i)], store.e[int(i)],
+                                background_for(store, int(i)))["image"]) for t, i in enumerate(track)]
+    chunks = np.array_split(wav, len(wav) // 1600)
+    streamed = list(stream_frames(r, store, chunks))
+    assert len(streamed) == n
+    err = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(streamed, offline)]
+    assert max(err) < 2.0, err                                     # mean absolute difference in 8-bit levels
+
+
+def test_evaluate_reports(trained):
+    data, run = trained
+    rep = evaluate(run, device="cpu", progress=False)
+    s = rep["summary"]
+    assert {"psnr", "psnr_head", "ssim_face"} <= set(s) and 5 < s["psnr"] < 60
+    assert len(rep["per_frame"]) == len(rep["frames"]) == 12
+    saved = json.loads((run / "eval" / "report.json").read_text())  # strict JSON (no NaN)
+    assert saved["summary"]["psnr"] == pytest.approx(s["psnr"])
+    assert len(list((run / "eval" / "renders").glob("*.png"))) == 12
+    assert probe_video(run / "eval" / "side_by_side.mp4").width == 3 * 64
+    st = evaluate(run, device="cpu", static=True, video=False, progress=False)
+    assert (run / "eval_static" / "report.json").exists() and st["static"]
+
+
+def test_cli_train_refuses_existing_run(trained):
+    data, run = trained
+    r = subprocess.run(["talkinggs", "train", str(data), "--out", str(run), "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("talkinggs train: error:") and "--resume" in r.stderr
