@@ -176,7 +176,7 @@ def test_katie_end_to_end(tmp_path):
     assert item["index"] == 181 and item["image"].dtype.is_floating_point
     assert item["mouth"].sum() <= item["face"].sum() <= item["head"].sum()
     held = TalkingDataset(out, "test", frames_on_device=True)      # frames decoded once into a uint8 tensor
-    assert held.frames.dtype == torch.uint8 and held.frames.shape == (18, 512, 512, 3)
+    assert held.frames.dtype == torch.uint8 and held.frames.shape == (19, 512, 512, 3)
     assert torch.equal(held[3]["image"], ds[3]["image"])
     with pytest.raises(FileExistsError, match="exists"):
         preprocess(KATIE, out, progress=False)
