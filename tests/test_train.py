@@ -110,11 +110,13 @@ def test_resume_after_sigkill(clip, tmp_path):
         proc.send_signal(signal.SIGKILL); proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "model.pt").exists()
+    (run / f".face.ckpt.pt.tmp-{proc.pid}").write_bytes(b"half a checkpoint")   # as a kill during a save leaves it
     killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
     assert 0 < killed_at < 60
     _checkpoint_files_load(run)
 
     head = train(clip, run, cpu_demo_train_config(), device="cpu", resume=True, progress=False)  # cfg from config.json
+    assert not list(run.glob(".*.tmp-*"))                                       # the stale partial save is gone
     _checkpoint_files_load(run)
     for stage, iters in (("face", 60), ("mouth", 12), ("fused", 6)):
         assert torch.load(run / f"{stage}.ckpt.pt", map_location="cpu", weights_only=False)["step"] == iters
