@@ -15,8 +15,8 @@ from .landmarks import INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, BackendUnavailable, 
 
 # %% auto #0
 __all__ = ['MOUTH_IDX', 'to_uint8', 'psnr_masked', 'face_box', 'ssim_in_box', 'error_map', 'side_by_side', 'mouth_landmarks',
-           'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth', 'lpips_missing', 'lpips_fn', 'VideoWriter',
-           'write_video', 'mirrored_loop', 'summarize', 'metrics_table']
+           'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn',
+           'VideoWriter', 'write_video', 'mirrored_loop', 'summarize', 'metrics_table']
 
 # %% ../nbs/32_metrics.ipynb #45c11bc9
 def _to_tensor(img, name: str = "image") -> torch.Tensor:  # [..., H, W, 3] float in [0, 1]
@@ -242,16 +242,23 @@ def _refuse_downloads():
     try: yield
     finally: torch.hub.download_url_to_file = saved
 
-def lpips_fn(device: str | torch.device = "cpu",  # where the network runs
-             net: str = "alex",                   # backbone: 'alex' (the usual choice), 'vgg' or 'squeeze'
-            ) -> Callable[[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray], float]:  # (pred, gt) -> LPIPS
-    "An LPIPS metric `(pred [H, W, 3], gt [H, W, 3]) -> float` for images in [0, 1]; BackendUnavailable if not offline-ready."
+def lpips_net(device: str | torch.device = "cpu",  # where the network runs
+              net: str = "alex",                   # backbone: 'alex' (the usual choice), 'vgg' or 'squeeze'
+             ) -> torch.nn.Module:                 # lpips.LPIPS, eval mode, weights frozen (a loss: gradients reach its inputs)
+    "The LPIPS network, built offline only (downloads refused); BackendUnavailable with the reason otherwise."
     why = lpips_missing(net)
     if why is not None: raise BackendUnavailable(why)
     import lpips
     with _refuse_downloads(), warnings.catch_warnings():
         warnings.simplefilter("ignore")                                     # torchvision's `pretrained=` deprecation
         model = lpips.LPIPS(net=net, verbose=False).to(device).eval()
+    return model.requires_grad_(False)
+
+def lpips_fn(device: str | torch.device = "cpu",  # where the network runs
+             net: str = "alex",                   # backbone: 'alex' (the usual choice), 'vgg' or 'squeeze'
+            ) -> Callable[[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray], float]:  # (pred, gt) -> LPIPS
+    "An LPIPS metric `(pred [H, W, 3], gt [H, W, 3]) -> float` for images in [0, 1]; BackendUnavailable if not offline-ready."
+    model = lpips_net(device, net)
 
     def nchw(img, name):  # [..., H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1]
         t = _to_tensor(img, name).to(device)
