@@ -2,7 +2,9 @@
 localhost, open it in headless Debian Chromium driven by Playwright, wait for the widget, move the frame slider and
 check that the plots' pixels change. Skips, with the reason, when chromium, voila or playwright is missing.
 
-Set TALKINGGS_SCREENSHOTS=<dir> to keep the before/after screenshots (the docs' screenshot comes from here)."""
+Set TALKINGGS_SCREENSHOTS=<dir> to keep the final screenshot (the docs' screenshots come from here), and
+TALKINGGS_TRACES=<file.npz> to explore traces saved by `talkinggs.viz.save_traces` (e.g. of a GPU-trained head)
+instead of the synthetic clip; the screenshot is then named after the file."""
 import io, os, socket, subprocess, sys, time
 from pathlib import Path
 import importlib.util
@@ -27,6 +29,10 @@ APP = [
     "explorer = TraceExplorer(compute_traces(clip, **models), width=1000)",
     "explorer",
 ]
+TRACES = os.environ.get("TALKINGGS_TRACES")
+if TRACES:                                  # a saved trace file instead of the synthetic clip
+    APP = ["from talkinggs.viz import load_traces, TraceExplorer",
+           f"explorer = TraceExplorer(load_traces({str(Path(TRACES).resolve())!r}), width=1000)", "explorer"]
 
 
 def _free_port() -> int:
@@ -87,7 +93,9 @@ def test_explorer_renders_and_reacts_in_chromium(voila_url, tmp_path):
             page.goto(url, timeout=60_000)
             # the frames panel: a plotly figure holding image traces; the traces panel: the one titled "audio"
             try:
-                page.wait_for_function("document.querySelectorAll('.js-plotly-plot .imagelayer image').length >= 3", timeout=120_000)
+                n_img = 2 if TRACES else 3                   # saved traces of a trained head have no appearance variant
+                page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .imagelayer image').length >= {n_img}",
+                                       timeout=120_000)
                 t1 = time.time()
                 while len(kernel_frames) < 2:
                     if time.time() - t1 > 30: raise TimeoutError("no messages from the kernel in 30 s")
@@ -130,7 +138,8 @@ def test_explorer_renders_and_reacts_in_chromium(voila_url, tmp_path):
             out = os.environ.get("TALKINGGS_SCREENSHOTS")
             if out:
                 Path(out).mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(Path(out) / "viz_explorer_synthetic_browser.png"), full_page=True)
+                name = Path(TRACES).stem if TRACES else "synthetic"
+                page.screenshot(path=str(Path(out) / f"viz_explorer_{name}_browser.png"), full_page=True)
             print(f"browser part {time.time() - t0:.1f} s; slider moved to frames {frames_seen}; changed pixels: frames "
                   f"{100 * changed_f:.2f}%, traces {100 * changed_t:.2f}%")
             assert all(f > 0 for f in frames_seen), f"the slider did not move: {frames_seen}"
