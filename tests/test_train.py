@@ -76,6 +76,31 @@ def test_head_state_round_trip_renders_equal(clip):
             assert torch.equal(a[k], b[k]), k
 
 
+# ---------------------------------------------------------------- stage 0: pose corrections
+
+def test_stage0_corrects_training_cameras_only_and_travels_with_the_model(clip, tmp_path):
+    run = tmp_path / "run"
+    head = train(clip, run, tiny_config(pose_refine=True, pose_iters=30, pose_start=0.0), device="cpu", progress=False)
+    tracked = FrameStore(clip, "cpu", progress=False)
+    tr, te = tracked.train_idx, tracked.test_idx
+    moved = (head.viewmats - tracked.viewmats).abs().amax((1, 2))                   # [N]
+    assert (moved[tr] > 0).all() and (moved[te] == 0).all()
+    assert moved.max() < 0.05                                                        # small, rigid corrections
+    R = head.viewmats[:, :3, :3]
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand_as(R), atol=1e-5)  # still rotations
+    back = load_head(run / "model.pt")
+    assert torch.equal(back.viewmats, head.viewmats)
+    assert torch.equal(FrameStore(clip, "cpu", progress=False, cameras=back.viewmats).viewmats, head.viewmats)
+    with pytest.raises(ValueError, match="not the clip"):
+        FrameStore(clip, "cpu", progress=False, cameras=back.viewmats[:5])
+    assert any(r["stage"] == "pose" for r in read_metrics(run / "metrics.csv"))
+    from talkinggs.synthesize import evaluate
+    rep = evaluate(run, progress=False, video=False)
+    assert rep["cameras"].startswith("tracked, rigidly corrected") and (run / "eval" / "report.json").exists()
+    rep = evaluate(run, progress=False, video=False, refine=False)
+    assert rep["cameras"] == "tracked" and (run / "eval_tracked" / "report.json").exists()
+
+
 # ---------------------------------------------------------------- crash safety
 
 KILLED_RUN = textwrap.dedent("""

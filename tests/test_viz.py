@@ -233,3 +233,31 @@ def test_retrain_panel_button_runs_and_updates(clip):
     assert math.isfinite(panel.result["psnr_after"])
     fig = panel.static()
     assert len(fig.axes) == 4
+
+
+# ---------------------------------------------------------------- a trained head (chapter 30) in the explorer
+def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
+    from talkinggs.data import repo_root
+    from talkinggs.dataset import preprocess, PreprocessConfig
+    from talkinggs.train import train, cpu_demo_train_config, FrameStore
+    from talkinggs.viz import model_traces, save_traces, load_traces, lip_gap_correlation
+    clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
+                      cfg=PreprocessConfig(size=64), progress=False)
+    cfg = cpu_demo_train_config(face_iters=30, mouth_iters=6, fused_iters=2, face_points=400, mouth_points=50)
+    head = train(clip, tmp_path / "run", cfg, device="cpu", progress=False)
+    store = FrameStore(clip, "cpu", progress=False, cameras=head.viewmats)
+    tr = model_traces(head, store, frames=np.arange(10), size=24, n_other=50)
+    nf, nm = len(head.face["means"]), len(head.mouth["means"])
+    assert tr.d_means.shape == (10, len(tr.means), 3) and tr.renders.shape == tr.frames.shape == (10, 24, 24, 3)
+    assert tr.regions["teeth"].sum() == min(nm, 25) and (tr.branch[tr.regions["teeth"]] == 1).all()
+    assert not (tr.regions["lips"] & tr.regions["jaw"]).any() and (tr.branch[tr.regions["lips"]] == 0).all()
+    assert (tr.index < nf + nm).all() and len(tr.waveform) == round(10 * store.meta["sample_rate"] / store.meta["fps"])
+    save_traces(tr, tmp_path / "t.npz")
+    back = load_traces(tmp_path / "t.npz")
+    assert np.array_equal(back.d_means, tr.d_means) and np.abs(back.renders - tr.renders).max() <= 1 / 255
+    if back.regions["lips"].sum() >= 2: assert -1 <= lip_gap_correlation(back) <= 1
+    else:
+        with pytest.raises(ValueError, match="lip Gaussians"): lip_gap_correlation(back)
+    ex = TraceExplorer(back, region="lips")
+    ex.set_frame(7)
+    assert list(ex.trace_fig.data[ex._cursor[0]].x) == [7, 7]
