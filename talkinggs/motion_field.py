@@ -100,22 +100,40 @@ class MotionField(nn.Module):
         "Per-Gaussian offsets: d_means [N,3], d_scales [N,3], d_quats [N,4] (deform) | d_means (translate) | d_sh0 [N,1,3], d_opacities [N] (appearance)."
         return self.decode(self.encoder(means), audio, expr)
 
-    def decode(self, h: torch.Tensor,                   # [N, 3LF] tri-plane features H(μ) (constant at inference)
+    @torch.no_grad()
+    def inference_cache(self, means: torch.Tensor,      # [N, 3] canonical centres μ (they do not move at inference)
+                       ) -> dict[str, torch.Tensor]:
+        "Everything `decode` computes from the centres alone, computed once: H(μ), V_a(H), V_e(H) and W_H·H(μ) + b."
+        h = self.encoder(means)                                                    # [N, 3LF]
+        first = self.decoder[0]                                                    # first layer sees [H, a_r, e_r]
+        c = dict(h=h, first=F.linear(h, first.weight[:, :h.shape[1]], first.bias))   # [N, hidden]
+        if self.att_audio is not None: c["w_a"] = self.att_audio(h)               # [N, A]
+        if self.att_expr is not None: c["w_e"] = F.relu(self.att_expr(h))        # [N, E]
+        return c
+
+    def decode(self, h: torch.Tensor | dict,            # [N, 3LF] tri-plane features H(μ), or `inference_cache(μ)`
                audio: torch.Tensor | None = None,      # [A] (or [N, A]) audio code a
                expr: torch.Tensor | None = None,       # [E] (or [N, E]) expression e
               ) -> dict[str, torch.Tensor]:
-        "The offsets from given tri-plane features: at inference the centres do not move, so H(μ) can be cached."
+        "The offsets from given tri-plane features (or from an inference cache: then only the per-frame part runs)."
+        cache = h if isinstance(h, dict) else None
+        if cache is not None: h = cache["h"]
         cfg, n = self.cfg, len(h)
         a = self._cond(audio, cfg.audio_dim, n, "audio")                 # [N, A] or None
         e = self._cond(expr, cfg.expr_dim, n, "expr")                    # [N, E] or None
         out = {}
         if self.att_audio is not None:
-            w_a = self.att_audio(h); a = w_a * a                          # a_r = V_a(H(μ)) ⊙ a   [N, A]
-            out["att_audio"] = w_a.norm(dim=-1)                           # [N] how much audio moves each Gaussian
+            w_a = self.att_audio(h) if cache is None else cache["w_a"]; a = w_a * a   # a_r = V_a(H(μ)) ⊙ a   [N, A]
+            if cache is None: out["att_audio"] = w_a.norm(dim=-1)        # [N] how much audio moves each Gaussian
         if self.att_expr is not None:
-            w_e = F.relu(self.att_expr(h)); e = w_e * e                   # e_r = V_e(H(μ)) ⊙ e   [N, E] (ReLU: released code)
-            out["att_expr"] = w_e.norm(dim=-1)                            # [N]
-        y = self.decoder(torch.cat([t for t in (h, a, e) if t is not None], -1))   # [N, out]
+            w_e = F.relu(self.att_expr(h)) if cache is None else cache["w_e"]; e = w_e * e   # e_r = V_e(H(μ)) ⊙ e (ReLU: released code)
+            if cache is None: out["att_expr"] = w_e.norm(dim=-1)         # [N]
+        if cache is None:
+            y = self.decoder(torch.cat([t for t in (h, a, e) if t is not None], -1))   # [N, out]
+        else:   # the first layer is linear: W·[H, a_r, e_r] + b = (W_H·H + b) + W_c·[a_r, e_r], and the first term is cached
+            c = [t for t in (a, e) if t is not None]                                   # [N, A], [N, E]
+            z = cache["first"] + (F.linear(torch.cat(c, -1), self.decoder[0].weight[:, h.shape[1]:]) if c else 0)
+            y = self.decoder[1:](z)                                                    # [N, out]
         if cfg.outputs == "appearance":
             out.update(d_sh0=y[:, None, :3], d_opacities=y[:, 3])        # [N, 1, 3], [N]
         else:
