@@ -88,6 +88,9 @@ def test_stage0_corrects_training_cameras_only_and_travels_with_the_model(clip, 
     assert moved.max() < 0.05                                                        # small, rigid corrections
     R = head.viewmats[:, :3, :3]
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand_as(R), atol=1e-5)  # still rotations
+    box, mouth = head.mouth_field.cfg, head.mouth                                   # inside-mouth Gaussians stayed
+    assert ((mouth["means"] - torch.tensor(box.center)).abs() <= box.bound + 1e-6).all()   # in their box, no bigger
+    assert (mouth["scales"] <= np.log(TrainConfig().mouth_scale_max * box.bound) + 1e-6).all()  # than the cap
     back = load_head(run / "model.pt")
     assert torch.equal(back.viewmats, head.viewmats)
     assert torch.equal(FrameStore(clip, "cpu", progress=False, cameras=back.viewmats).viewmats, head.viewmats)
