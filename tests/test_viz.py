@@ -239,13 +239,13 @@ def test_retrain_panel_button_runs_and_updates(clip):
 def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
     from talkinggs.data import repo_root
     from talkinggs.dataset import preprocess, PreprocessConfig
-    from talkinggs.train import train, cpu_demo_train_config, FrameStore
+    from talkinggs.train import train, cpu_demo_train_config, model_store
     from talkinggs.viz import model_traces, save_traces, load_traces, lip_gap_correlation
     clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
                       cfg=PreprocessConfig(size=64), progress=False)
     cfg = cpu_demo_train_config(face_iters=30, mouth_iters=6, fused_iters=2, face_points=400, mouth_points=50)
     head = train(clip, tmp_path / "run", cfg, device="cpu", progress=False)
-    store = FrameStore(clip, "cpu", progress=False, cameras=head.viewmats)
+    store = model_store(head, clip)
     tr = model_traces(head, store, frames=np.arange(10), size=24, n_other=50)
     nf, nm = len(head.face["means"]), len(head.mouth["means"])
     assert tr.d_means.shape == (10, len(tr.means), 3) and tr.renders.shape == tr.frames.shape == (10, 24, 24, 3)
