@@ -367,7 +367,9 @@ class TraceExplorer:
                  color_by: str = "motion",        # "motion" (largest |Δμ|), "colour change" (appearance variant) or "branch"
                  width: int = 980,                # layout width in pixels
                 ):
-        self.tr = tr = traces
+        f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
+        # float32 copies: plotly's widget cannot send float16 arrays (saved traces may hold them) to the browser
+        self.tr = tr = dataclasses.replace(traces, means=f32(traces.means), d_means=f32(traces.d_means), colors=f32(traces.colors))
         T, N = tr.d_means.shape[:2]
         self.n_frames, self.n_points = T, N
         self.motion = np.linalg.norm(tr.d_means, axis=-1).max(0)             # [N] largest offset over the clip

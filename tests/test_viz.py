@@ -166,6 +166,22 @@ def test_explorer_without_appearance_or_ground_truth(clip, models):
     assert len(fig.axes) >= 4
 
 
+def test_explorer_sends_no_float16_to_the_browser(traces):
+    "Saved traces may hold float16 offsets (save space); plotly's widget cannot deserialise them in the browser."
+    import dataclasses
+    half = dataclasses.replace(traces, d_means=traces.d_means.astype(np.float16))
+    ex = TraceExplorer(half)
+    ex.slider.value = 3
+    for fig in (ex.points_fig, ex.trace_fig):
+        for tr in fig.data:
+            for key in ("x", "y", "z"):
+                v = getattr(tr, key, None)
+                if isinstance(v, np.ndarray): assert v.dtype != np.float16, (tr.name, key)
+        colour = fig.data[0].marker.color if fig is ex.points_fig else None
+        if isinstance(colour, np.ndarray): assert colour.dtype != np.float16
+    assert np.allclose(np.asarray(ex.trace_fig.data[1].y), half.d_means[:, ex.selection, 1].astype(np.float32).mean(1))
+
+
 # ---------------------------------------------------------------- region attention
 def test_attention_view_toggles_branches(clip, models):
     view = AttentionView({"face": (clip.face["means"], models["face_field"]), "mouth": (clip.mouth["means"], models["mouth_field"])})

@@ -96,6 +96,8 @@ def test_explorer_renders_and_reacts_in_chromium(voila_url, tmp_path):
                 n_img = 2 if TRACES else 3                   # saved traces of a trained head have no appearance variant
                 page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .imagelayer image').length >= {n_img}",
                                        timeout=120_000)
+                # the traces panel draws after the frames (with a trained head's thousands of centres, seconds later)
+                page.locator(".js-plotly-plot", has_text="audio").first.wait_for(timeout=60_000)
                 t1 = time.time()
                 while len(kernel_frames) < 2:
                     if time.time() - t1 > 30: raise TimeoutError("no messages from the kernel in 30 s")
