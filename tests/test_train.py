@@ -14,7 +14,8 @@ from talkinggs.data import repo_root
 from talkinggs.dataset import preprocess, PreprocessConfig
 from talkinggs.landmarks import INNER_LIP, OUTER_LIP, FOREHEAD, CHIN, RIGID
 from talkinggs.train import (FrameStore, TrainConfig, cpu_demo_train_config, train, load_head, head_state,
-                             head_from_store, head_geometry, read_metrics)
+                             head_from_store, head_geometry, read_metrics, lip_landmark_targets, LIP_POINTS)
+from talkinggs.core import project_points
 
 HEAD = repo_root() / "data_samples" / "synthetic_head"
 
@@ -182,6 +183,20 @@ def lip_drop(head, store, sigma: float = 0.25) -> np.ndarray:
     h = head.face_field.encoder(head.face["means"])
     return np.array([float(w @ (head.face_field.decode(h, head.audio_code("face", store.audio, t), store.e[t])["d_means"]
                                 .double().numpy() @ down)) for t in range(store.n)])
+
+
+def test_lip_landmark_targets_carry_motion_only(clip):
+    "The landmark term's targets: no mean pull on the canonical mouth, and their lip gap follows the true opening."
+    store = FrameStore(clip, "cpu", progress=False)
+    lips = lip_landmark_targets(store, head_geometry(store)["landmarks3d"])
+    proj, _ = project_points(lips["points"], store.viewmats, store.Ks)             # [N, L+1, 2] canonical points
+    resid = lips["targets"] - (proj[:, :-1] - proj[:, -1:])                        # [N, L, 2] what a zero field leaves
+    assert resid[store.train_idx].mean(0).abs().max() < 1e-3                       # zero on average over training frames
+    assert resid.abs().mean() > 0.1                                                # but not zero frame by frame
+    truth = np.load(HEAD / "gt.npz")["opening"].astype(np.float64)                 # [n] known opening
+    gap = (lips["targets"][:, LIP_POINTS.index(14), 1] - lips["targets"][:, LIP_POINTS.index(13), 1]).numpy()
+    n = min(len(gap), len(truth))
+    assert np.corrcoef(gap[:n], truth[:n])[0, 1] > 0.6                             # inner lips part as the jaw opens
 
 
 def test_pipeline_learns_the_known_lip_motion(clip, tmp_path):
