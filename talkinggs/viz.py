@@ -559,7 +559,7 @@ def model_traces(head, store,                    # a trained TalkingHead and its
     "Traces of a trained head on its own clip, regions (lips, jaw, eyelids, teeth) from the triangulated landmarks."
     from talkinggs.train import head_geometry
     from talkinggs.synthesize import Renderer
-    from scipy.io import wavfile
+    from talkinggs.video import load_audio
     from talkinggs.landmarks import RIGHT_EYE, LEFT_EYE, MOUTH_CORNERS, CHIN   # constants only: no mediapipe needed
     from talkinggs.metrics import MOUTH_IDX
     idx = np.arange(store.n) if frames is None else np.asarray(frames)
@@ -586,9 +586,8 @@ def model_traces(head, store,                    # a trained TalkingHead and its
         o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], fr["torso_bg"])
         d.append(torch.cat([o["face_delta"], o["mouth_delta"]]).cpu()[keep])     # [K, 3]
         renders.append(_small(o["image"], size)); gts.append(_small(fr["image"], size))
-    sr, wave = wavfile.read(store.root / "audio.wav")                          # 16-bit PCM (chapter 16 writes it)
-    wave = wave.astype(np.float32) / 32768
-    if wave.ndim == 2: wave = wave.mean(1)
+    sr = int(store.meta["sample_rate"])
+    wave = load_audio(store.root / "audio.wav", sr)                            # [S] float32 mono (chapter 12)
     spf = sr / store.meta["fps"]
     wave = wave[int(idx[0] * spf): int((idx[-1] + 1) * spf)]
     branch = torch.cat([torch.zeros(nf), torch.ones(nm)])[keep]
