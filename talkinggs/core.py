@@ -15,7 +15,8 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['seed_everything', 'get_device', 'median_ms', 'update_config', 'save_config', 'load_config', 'quat_to_rotmat',
            'rotmat_to_quat', 'fov_to_focal', 'focal_to_fov', 'intrinsics_from_fov', 'look_at', 'camera_centers',
-           'orbit_viewmats', 'world_to_camera', 'project_points', 'check_image', 'psnr', 'show_images']
+           'orbit_viewmats', 'world_to_camera', 'project_points', 'check_image', 'to_float_image', 'to_uint8', 'psnr',
+           'show_images']
 
 # %% ../nbs/00_core.ipynb #c7db9c99
 def seed_everything(seed: int = 0) -> None:
@@ -188,6 +189,22 @@ def check_image(img: torch.Tensor,  # expected [..., H, W, 3] float in [0, 1]
     lo, hi = img.min().item(), img.max().item()
     if lo < -1e-4 or hi > 1 + 1e-4: raise ValueError(f"{name} values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
     return img
+
+def to_float_image(img: torch.Tensor | np.ndarray,  # [..., H, W, 3]: torch float, or numpy uint8 / float
+                   name: str = "image") -> torch.Tensor:  # [..., H, W, 3] float in [0, 1]
+    "A torch float image from a torch float image or a numpy uint8/float image (clear error otherwise)."
+    if isinstance(img, np.ndarray):
+        img = torch.from_numpy(img.astype(np.float32) / 255 if img.dtype == np.uint8 else img.astype(np.float32))
+    return check_image(img, name)
+
+def to_uint8(img: torch.Tensor | np.ndarray,  # [..., H, W, 3] float in [0, 1] (torch or numpy) or uint8
+            ) -> np.ndarray:                   # [..., H, W, 3] uint8
+    "An image as numpy uint8, rounding floats in [0, 1] to 0..255."
+    if isinstance(img, np.ndarray) and img.dtype == np.uint8:
+        if img.ndim < 3 or img.shape[-1] != 3: raise ValueError(f"image must be [..., H, W, 3], got {img.shape}")
+        return img
+    t = to_float_image(img).detach().float().cpu()
+    return (t.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 def psnr(pred: torch.Tensor,    # [..., H, W, 3] in [0, 1]
          target: torch.Tensor,  # [..., H, W, 3] in [0, 1]

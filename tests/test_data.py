@@ -106,7 +106,7 @@ def test_no_audio_and_audio_file(tmp_path):
 
 def test_cli_one_line_error(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text("from talkinggs.dataset import preprocess_cli\npreprocess_cli()\n")
+    script.write_text("from talkinggs.cli import preprocess_cli\npreprocess_cli()\n")
     v = noise_video(tmp_path / "short.mp4", 3.0)
     r = subprocess.run([sys.executable, str(script), str(v), "--out", str(tmp_path / "out"), "--quiet"],
                        capture_output=True, text=True)

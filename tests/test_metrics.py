@@ -1,5 +1,5 @@
-"""Tests of talkinggs.metrics (chapter 32): image metrics, mouth landmarks and LMD, correlations, the atomic video
-writer, the ping-pong frame order, the optional LPIPS backend and the report helpers. CPU only.
+"""Tests of talkinggs.metrics (chapter 18) and of the video writer and ping-pong frame order (chapter 12): image metrics,
+mouth landmarks and LMD, correlations, the atomic video writer, the optional LPIPS backend and the report helpers. CPU only.
 
 Tests that need the shared real clip skip with a reason when it is absent; nothing is downloaded."""
 import math, subprocess, sys, warnings
@@ -13,10 +13,12 @@ import torch
 from talkinggs.data import find_sample, repo_root
 from talkinggs.landmarks import BackendUnavailable, INNER_LIP, OUTER_LIP
 from talkinggs.video import ffmpeg_exe, iter_frames, probe_video
-from talkinggs.metrics import (MOUTH_IDX, to_uint8, psnr_masked, face_box, ssim_in_box, error_map, side_by_side,
+from talkinggs.core import to_uint8
+from talkinggs.landmarks import MOUTH_IDX
+from talkinggs.video import VideoWriter, write_video, mirrored_loop
+from talkinggs.metrics import (psnr_masked, face_box, ssim_in_box, error_map, side_by_side,
                                mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, smooth, lpips_missing,
-                               lpips_fn, VideoWriter, write_video, mirrored_loop, summarize, metrics_table,
-                               _lpips_backbone_file)
+                               lpips_fn, summarize, metrics_table, _lpips_backbone_file)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # one torch thread on shared CI cores (conftest.py)
 KATIE = find_sample("hdtf_katie_8s.mp4")

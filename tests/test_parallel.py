@@ -5,7 +5,8 @@ import torch
 
 from talkinggs.data import repo_root
 from talkinggs.dataset import preprocess, PreprocessConfig
-from talkinggs.train import train, cpu_demo_train_config, load_head
+from talkinggs.train import train, cpu_demo_train_config
+from talkinggs.model import load_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +21,7 @@ def test_parallel_branches_match_sequential(tmp_path):
     assert (tmp_path / "par" / "model.pt").exists()
     back = load_head(tmp_path / "par" / "model.pt")
     for b in ("face", "mouth"):
-        s, p = seq.splats(b), back.splats(b)
+        s, p = seq.branch(b).splats, back.branch(b).splats
         assert s["means"].shape == p["means"].shape, b
         for k in s.keys():
             assert torch.allclose(s[k].detach(), p[k], atol=1e-5), (b, k)

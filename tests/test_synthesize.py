@@ -9,10 +9,11 @@ import torch
 
 from talkinggs.data import repo_root
 from talkinggs.dataset import preprocess, PreprocessConfig
-from talkinggs.train import FrameStore, train, cpu_demo_train_config
+from talkinggs.frames import FrameStore
+from talkinggs.train import train, cpu_demo_train_config
 from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, evaluate, drive_track,
                                   audio_features, background_for)
-from talkinggs.metrics import to_uint8
+from talkinggs.core import to_uint8
 from talkinggs.video import probe_video, iter_frames
 
 HEAD = repo_root() / "data_samples" / "synthetic_head"
@@ -114,3 +115,18 @@ def test_cli_train_refuses_existing_run(trained):
     r = subprocess.run(["talkinggs", "train", str(data), "--out", str(run), "--device", "cpu", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("talkinggs train: error:") and "--resume" in r.stderr
+
+
+def test_demo_command_runs_the_whole_job(trained, tmp_path):
+    "`python -m talkinggs demo`: train, render and evaluate the bundled synthetic head (data preprocessed already)."
+    import shutil, subprocess, sys
+    data, _ = trained
+    shutil.copytree(data, tmp_path / "demo" / "data")                 # the demo's own step 1, done by the fixture
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "demo", "--out", str(tmp_path / "demo"), "--face_iters", "40",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = probe_video(tmp_path / "demo" / "demo.mp4")
+    assert info.audio_codec == "aac" and info.duration > 1.0                    # driven by its speech, with sound
+    rep = json.loads((tmp_path / "demo" / "run" / "eval" / "report.json").read_text())
+    assert rep["frames"] and np.isfinite(rep["summary"]["psnr_head"])
+    assert "PSNR" in r.stdout and str(tmp_path / "demo" / "demo.mp4") in r.stdout

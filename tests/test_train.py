@@ -13,8 +13,11 @@ import torch
 from talkinggs.data import repo_root
 from talkinggs.dataset import preprocess, PreprocessConfig
 from talkinggs.landmarks import INNER_LIP, OUTER_LIP, FOREHEAD, CHIN, RIGID
-from talkinggs.train import (FrameStore, TrainConfig, cpu_demo_train_config, train, load_head, head_state,
-                             head_from_store, head_geometry, read_metrics, lip_landmark_targets, LIP_POINTS)
+from talkinggs.frames import FrameStore
+from talkinggs.model import load_head, head_state, head_from_store, head_geometry
+from talkinggs.runs import read_metrics
+from talkinggs.train import TrainConfig, cpu_demo_train_config, train
+from talkinggs.lip_term import lip_landmark_targets, LIP_POINTS
 from talkinggs.core import project_points
 
 HEAD = repo_root() / "data_samples" / "synthetic_head"
@@ -89,7 +92,7 @@ def test_stage0_corrects_training_cameras_only_and_travels_with_the_model(clip, 
     assert moved.max() < 0.05                                                        # small, rigid corrections
     R = head.viewmats[:, :3, :3]
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand_as(R), atol=1e-5)  # still rotations
-    box, mouth = head.mouth_field.cfg, head.mouth                                   # inside-mouth Gaussians stayed
+    box, mouth = head.mouth, head.mouth.splats                                      # inside-mouth Gaussians stayed
     assert ((mouth["means"] - torch.tensor(box.center)).abs() <= box.bound + 1e-6).all()   # in their box, no bigger
     assert (mouth["scales"] <= np.log(TrainConfig().mouth_scale_max * box.bound) + 1e-6).all()  # than the cap
     back = load_head(run / "model.pt")
@@ -150,7 +153,7 @@ def test_resume_after_sigkill(clip, tmp_path):
     for stage, iters in (("face", 60), ("mouth", 12), ("fused", 6)):
         assert torch.load(run / f"{stage}.ckpt.pt", map_location="cpu", weights_only=False)["step"] == iters
     back = load_head(run / "model.pt")
-    assert len(back.face["means"]) == len(head.face["means"]) and torch.equal(back.face["means"], head.face["means"].cpu())
+    assert len(back.face.splats["means"]) == len(head.face.splats["means"]) and torch.equal(back.face.splats["means"], head.face.splats["means"].cpu())
     rows = read_metrics(run / "metrics.csv")
     keys = Counter((r["stage"], int(r["step"])) for r in rows)
     assert not [k for k, c in keys.items() if c > 1], "duplicated (stage, step) rows"
@@ -174,14 +177,14 @@ def lip_drop(head, store, sigma: float = 0.25) -> np.ndarray:
     L = head_geometry(store)["landmarks3d"].astype(np.float64)                      # [478, 3] canonical frame
     down = L[CHIN] - L[FOREHEAD]; down /= np.linalg.norm(down)
     s = sigma * np.linalg.norm(L[61] - L[291])                                       # a quarter of the mouth width
-    mu = head.face["means"].double().numpy()                                         # [N, 3]
-    op = torch.sigmoid(head.face["opacities"]).double().numpy()                      # [N]
+    mu = head.face.splats["means"].double().numpy()                                         # [N, 3]
+    op = torch.sigmoid(head.face.splats["opacities"]).double().numpy()                      # [N]
     def weights(ids):                                                                # [N], sums to 1
         d2 = ((mu[:, None] - L[ids][None]) ** 2).sum(-1).min(1)
         w = op * np.exp(-d2 / (2 * s * s)); return w / w.sum()
     w = weights(LOWER_LIP) - weights(RIGID)
-    h = head.face_field.encoder(head.face["means"])
-    return np.array([float(w @ (head.face_field.decode(h, head.audio_code("face", store.audio, t), store.e[t])["d_means"]
+    h = head.face.motion.encoder(head.face.splats["means"])
+    return np.array([float(w @ (head.face.motion.decode(h, head.audio_code(head.face, store.audio, t), store.e[t])["d_means"]
                                 .double().numpy() @ down)) for t in range(store.n)])
 
 

@@ -1,15 +1,16 @@
-"""Tests of the widget chapter (40_viz): the widgets build from a tiny synthetic head on CPU, and their callbacks change
-what the plotly FigureWidgets hold. No browser here (tests/test_viz_browser.py drives a real one)."""
+"""Tests of the toy, traces and widgets chapters (40_toy, 41_traces, 42_widgets): the synthetic clip and its fitted
+fields, their traces, and the widgets built from them on CPU, whose callbacks change what the plotly FigureWidgets
+hold. No browser here (tests/test_viz_browser.py drives a real one)."""
 import math
 import numpy as np
 import pytest
 import torch
 from plotly.callbacks import Points
 
-from talkinggs.viz import (SyntheticClipConfig, synthetic_talking_clip, band_energies, fit_clip_models, cpu_grid,
-                           ConcatCondition, compute_traces, offset_correlation, parse_indices, TraceExplorer,
-                           attention_of, AttentionView, SamplingView, RetrainConfig, RetrainPanel, train_photometric,
-                           DeformationTraces, _uint8)
+from talkinggs.toy import (SyntheticClipConfig, synthetic_talking_clip, band_energies, fit_clip_models, cpu_grid,
+                           ConcatCondition, train_photometric)
+from talkinggs.traces import compute_traces, offset_correlation, attention_of, DeformationTraces, _uint8
+from talkinggs.widgets import parse_indices, TraceExplorer, AttentionView, SamplingView, RetrainConfig, RetrainPanel
 from talkinggs.motion_field import MotionField, face_branch_config
 from talkinggs.sampling import IncrementalSampler, WindowRule
 from talkinggs.fusion import render_face_mouth
@@ -255,15 +256,16 @@ def test_retrain_panel_button_runs_and_updates(clip):
 def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
     from talkinggs.data import repo_root
     from talkinggs.dataset import preprocess, PreprocessConfig
-    from talkinggs.train import train, cpu_demo_train_config, model_store
-    from talkinggs.viz import model_traces, save_traces, load_traces, lip_gap_correlation
+    from talkinggs.train import train, cpu_demo_train_config
+    from talkinggs.model import model_store
+    from talkinggs.traces import model_traces, save_traces, load_traces, lip_gap_correlation
     clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
                       cfg=PreprocessConfig(size=64), progress=False)
     cfg = cpu_demo_train_config(face_iters=30, mouth_iters=6, fused_iters=2, face_points=400, mouth_points=50)
     head = train(clip, tmp_path / "run", cfg, device="cpu", progress=False)
     store = model_store(head, clip)
     tr = model_traces(head, store, frames=np.arange(10), size=24, n_other=50)
-    nf, nm = len(head.face["means"]), len(head.mouth["means"])
+    nf, nm = len(head.face.splats["means"]), len(head.mouth.splats["means"])
     assert tr.d_means.shape == (10, len(tr.means), 3) and tr.renders.shape == tr.frames.shape == (10, 24, 24, 3)
     assert tr.regions["teeth"].sum() == min(nm, 25) and (tr.branch[tr.regions["teeth"]] == 1).all()
     assert not (tr.regions["lips"] & tr.regions["jaw"]).any() and (tr.branch[tr.regions["lips"]] == 0).all()

@@ -1,9 +1,9 @@
-"""Real-browser test of the trace explorer (chapter 40_viz): serve a small Voilà app made from the chapter on
+"""Real-browser test of the trace explorer (chapter 42_widgets): serve a small Voilà app made from the chapter on
 localhost, open it in headless Debian Chromium driven by Playwright, wait for the widget, move the frame slider and
 check that the plots' pixels change. Skips, with the reason, when chromium, voila or playwright is missing.
 
 Set TALKINGGS_SCREENSHOTS=<dir> to keep the final screenshot (the docs' screenshots come from here), and
-TALKINGGS_TRACES=<file.npz> to explore traces saved by `talkinggs.viz.save_traces` (e.g. of a GPU-trained head)
+TALKINGGS_TRACES=<file.npz> to explore traces saved by `talkinggs.traces.save_traces` (e.g. of a GPU-trained head)
 instead of the synthetic clip; the screenshot is then named after the file."""
 import io, os, socket, subprocess, sys, time
 from pathlib import Path
@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"browser test needs {', '
 
 APP = [
     "import torch\ntorch.set_num_threads(1)\n"
-    "from talkinggs.viz import SyntheticClipConfig, synthetic_talking_clip, fit_clip_models, compute_traces, TraceExplorer",
+    "from talkinggs.toy import SyntheticClipConfig, synthetic_talking_clip, fit_clip_models\n"
+    "from talkinggs.traces import compute_traces\n"
+    "from talkinggs.widgets import TraceExplorer",
     "clip = synthetic_talking_clip(SyntheticClipConfig(n_frames=16, size=40, n_face=700, n_mouth=80, n_eyelid=15))\n"
     "models = fit_clip_models(clip, steps=80, app_steps=15)\n"
     "explorer = TraceExplorer(compute_traces(clip, **models), width=1000)",
@@ -31,7 +33,7 @@ APP = [
 ]
 TRACES = os.environ.get("TALKINGGS_TRACES")
 if TRACES:                                  # a saved trace file instead of the synthetic clip
-    APP = ["from talkinggs.viz import load_traces, TraceExplorer",
+    APP = ["from talkinggs.traces import load_traces\nfrom talkinggs.widgets import TraceExplorer",
            f"explorer = TraceExplorer(load_traces({str(Path(TRACES).resolve())!r}), width=1000)", "explorer"]
 
 
