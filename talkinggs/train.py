@@ -162,15 +162,29 @@ def init_colors_from_frames(splats: torch.nn.ParameterDict, store: FrameStore, f
 # %% ../nbs/30_train.ipynb #d9ee9579
 class BranchRules:
     "How one branch trains: the hooks `train_branch` calls (iterations, frames, windows, losses, after each step)."
-    name, seed_offset = "", 0
-    def iterations(self, cfg: TrainConfig) -> int: raise NotImplementedError
-    def frames(self, store: FrameStore) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # frames [F], metric -> [F]
+    name, seed_offset = "", 0   # the branch it trains; added to the run's seed
+    def iterations(self, cfg: TrainConfig) -> int:
+        "Iterations of this branch (static warm-up included)."
         raise NotImplementedError
-    def windows(self, iterations: int, warmup: int, cfg: TrainConfig) -> list[WindowRule]: raise NotImplementedError
-    def prepare(self, head: TalkingHead, store: FrameStore, cfg: TrainConfig) -> None: pass
-    def image_loss(self, rgb, alpha, target, mask, frs, cfg) -> tuple[torch.Tensor, torch.Tensor]: raise NotImplementedError
-    def motion_loss(self, head, store, j, audio, cfg) -> torch.Tensor | None: return None
-    def after_step(self, branch: Branch, cfg: TrainConfig) -> None: pass
+    def frames(self, store: FrameStore) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # frames [F], metric -> [F]
+        "The training frames it learns from, and the sampler's metrics over them."
+        raise NotImplementedError
+    def windows(self, iterations: int, warmup: int, cfg: TrainConfig) -> list[WindowRule]:
+        "The incremental-sampling windows (Eq. 6) over `iterations`."
+        raise NotImplementedError
+    def prepare(self, head: TalkingHead, store: FrameStore, cfg: TrainConfig) -> None:
+        "Per-run state computed once before the loop (none by default)."
+    def image_loss(self, rgb: torch.Tensor, alpha: torch.Tensor,    # [B, H, W, 3] render over black, [B, H, W, 1] opacity
+                   target: torch.Tensor, mask: torch.Tensor,        # [B, H, W, 3] black outside `mask` [B, H, W] bool
+                   frs: list[dict], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:  # loss [], PSNR []
+        "The photometric loss of a rendered batch and the PSNR it logs."
+        raise NotImplementedError
+    def motion_loss(self, head: TalkingHead, store: FrameStore, j: int, audio: torch.Tensor,  # frame j, its code [A]
+                    cfg: TrainConfig) -> torch.Tensor | None:
+        "Extra loss once the branch moves (None: nothing)."
+        return None
+    def after_step(self, branch: Branch, cfg: TrainConfig) -> None:
+        "What happens to the branch after each optimiser step (nothing by default)."
 
 class FaceRules(BranchRules):
     "The face branch: all training frames, the lips then AU45 windows, face loss + alpha (+ hole), the lip-landmark term."
