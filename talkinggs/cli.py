@@ -83,6 +83,8 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
              static: Param("switch the motion fields off (canonical head)", store_true) = False,
              lmd_only: Param("add LMD to an existing report from its saved renders", store_true) = False,
              tracked: Param("use the test frames' tracked poses as they are (no rigid correction)", store_true) = False,
+             split: Param("test (held-out frames) or train (frames it was trained on)", str) = "test",
+             no_video: Param("skip the side-by-side video", store_true) = False,
              sync: Param("instead: mouth-opening vs audio-energy correlation of this video", str) = None,
              device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
              quiet: Param("no progress bar", store_true) = False):
@@ -90,10 +92,11 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
     from talkinggs.synthesize import evaluate, mouth_audio_sync
     try:
         if sync: print(json.dumps(mouth_audio_sync(sync))); return
-        rep = evaluate(run, data, device, static, lmd_only, refine=not tracked, progress=not quiet)
+        rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked, progress=not quiet, split=split)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("eval", e)
     print(json.dumps(rep["summary"], indent=1))
-    for k in ("lpips_note", "lmd_note"):
+    if "head_share" in rep: print(f"the head covers {rep['head_share']:.0%} of the frame; LMD over {rep['lmd_set']}")
+    for k in ("lpips_note", "lmd_note", "video_note"):
         if rep.get(k): print("note:", rep[k])
 
 # %% ../nbs/99_cli.ipynb #c11178e3

@@ -11,12 +11,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from .core import check_image, psnr, to_float_image, to_uint8
-from .landmarks import INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, MOUTH_IDX, BackendUnavailable, FaceMesh
+from .landmarks import (INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, MOUTH_IDX, RIGHT_EYE, LEFT_EYE, BackendUnavailable,
+                                 FaceMesh)
 
 # %% auto #0
-__all__ = ['psnr_masked', 'face_box', 'ssim_in_box', 'error_map', 'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening',
-           'pearson', 'audio_energy', 'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize',
-           'metrics_table']
+__all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'side_by_side',
+           'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth', 'lpips_missing', 'lpips_net',
+           'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
 
 # %% ../nbs/18_metrics.ipynb #21d2070d
 def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0, 1] (or uint8 numpy)
@@ -35,6 +36,38 @@ def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [
     if not m.any(): raise ValueError("mask is empty: no pixels to score")
     mse = ((a - b) ** 2)[m].mean()                                           # over masked pixels and channels
     return float(-10 * torch.log10(mse.clamp_min(1e-10)))
+
+# %% ../nbs/18_metrics.ipynb #164fc631
+REGIONS = ("face_skin", "eyes", "lips", "mouth_interior", "hair", "silhouette", "outside_head")
+
+def region_masks(labels: np.ndarray,   # [H, W] uint8 label image (chapter 14: background, torso, hair, face, mouth)
+                 lms: np.ndarray,      # [478, >=2] landmarks of the frame, pixels
+                 band: int = 8,        # width of the silhouette band in pixels, centred on the head's outline (ours)
+                ) -> dict[str, np.ndarray]:  # region name -> [H, W] bool
+    "The regions of one frame that the diagnosis scores separately (see REGIONS)."
+    import cv2
+    from talkinggs.masks import HAIR, FACE, MOUTH
+    lab = np.asarray(labels)
+    head = lab >= HAIR
+    def poly(ids):                                                             # filled landmark polygon
+        pts = np.asarray(lms, np.float64)[list(ids), :2]
+        m = np.zeros(lab.shape, np.uint8)
+        if np.isfinite(pts).all(): cv2.fillPoly(m, [np.round(pts).astype(np.int32)], 1)
+        return m.astype(bool)
+    eyes = (poly(RIGHT_EYE) | poly(LEFT_EYE)) & head
+    lips = poly(OUTER_LIP) & ~poly(INNER_LIP) & head
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (band + 1, band + 1))   # grows / shrinks by band/2 pixels
+    h8 = head.astype(np.uint8)
+    silhouette = cv2.dilate(h8, k).astype(bool) & ~cv2.erode(h8, k).astype(bool)
+    return dict(face_skin=(lab == FACE) & ~eyes & ~lips, eyes=eyes, lips=lips, mouth_interior=lab == MOUTH,
+                hair=lab == HAIR, silhouette=silhouette, outside_head=~head)
+
+def region_psnr(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render
+                gt: torch.Tensor | np.ndarray,    # [H, W, 3] ground truth
+                regions: dict[str, np.ndarray],   # name -> [H, W] bool, from `region_masks`
+               ) -> dict[str, float]:             # name -> dB (NaN for an empty region)
+    "PSNR inside each region."
+    return {k: psnr_masked(pred, gt, torch.as_tensor(m)) if m.any() else float("nan") for k, m in regions.items()}
 
 # %% ../nbs/18_metrics.ipynb #526813b7
 def face_box(lms: np.ndarray,              # [478, >=2] landmarks in pixels (x, y); NaN rows are ignored
@@ -116,6 +149,7 @@ def mouth_landmarks(frames: np.ndarray | Iterable[np.ndarray],  # [N, H, W, 3] u
 def lmd(pred_lms: np.ndarray,  # [N, M, >=2] landmarks of the renders (pixels), NaN rows where missing
         gt_lms: np.ndarray,    # [N, M, >=2] landmarks of the ground truth
         scale: float = 1.0,    # pixels -> 512² pixels: 512 / image side
+        centred: bool = False, # subtract each landmark set's own mean first (ER-NeRF / TalkingGaussian's LMD meter)
        ) -> float:             # mean distance in 512² pixels; NaN when no frame has both
     "Landmark distance: mean L2 distance over points and frames with both detections, scaled to 512² pixels."
     a, b = np.asarray(pred_lms, np.float64), np.asarray(gt_lms, np.float64)
@@ -125,7 +159,9 @@ def lmd(pred_lms: np.ndarray,  # [N, M, >=2] landmarks of the renders (pixels), 
     ok = ~(np.isnan(a).any((1, 2)) | np.isnan(b).any((1, 2)))                              # [N]
     if not ok.any():
         warnings.warn("lmd: no frame has landmarks in both inputs"); return float("nan")
-    return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean() * scale)
+    a, b = a[ok], b[ok]
+    if centred: a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)   # shape, not placement
+    return float(np.linalg.norm(a - b, axis=-1).mean() * scale)
 
 # %% ../nbs/18_metrics.ipynb #58551d08
 def mouth_opening(lms: np.ndarray,  # [..., 478, >=2] or [..., len(MOUTH_IDX), >=2] landmarks in pixels

@@ -17,13 +17,14 @@ from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
 from .model import TalkingHead, load_head, model_store
 from .pose_refine import refine_cameras
-from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none,
+from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map,
+                               region_masks, region_psnr, REGIONS,
                                mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, summarize)
 from .landmarks import MOUTH_IDX
 
 # %% auto #0
-__all__ = ['load_run', 'Renderer', 'audio_features', 'drive_track', 'background_for', 'render_video', 'stream_frames', 'evaluate',
-           'mouth_audio_sync']
+__all__ = ['LMD_SET', 'load_run', 'Renderer', 'audio_features', 'drive_track', 'background_for', 'render_video', 'stream_frames',
+           'evaluate', 'mouth_audio_sync']
 
 # %% ../nbs/31_synthesize.ipynb #43b2efde
 def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None,
@@ -155,28 +156,42 @@ def _mediapipe_ok() -> str | None:
         return None
     except Exception as e: return f"mediapipe not importable ({type(e).__name__}: {e})"
 
+LMD_SET = "mediapipe FaceMesh, the 40 lip-contour points (INNER_LIP + OUTER_LIP)"   # the landmark set LMD is over
+
 def _lip_metrics(renders: np.ndarray, store: FrameStore, idx: np.ndarray) -> dict:
-    "LMD and mouth-opening correlation of renders [N, H, W, 3] uint8 against the ground-truth landmarks."
+    "LMD (absolute and centred) and mouth-opening correlation of renders [N, H, W, 3] uint8 against the ground truth."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm_pred = mouth_landmarks(renders, idx=None)                          # [N, 478, 2]
     lm_gt = np.asarray(store.landmarks[idx, :, :2])                           # [N, 478, 2]
     scale = 512 / store.W
     op_pred, op_gt = mouth_opening(lm_pred), mouth_opening(lm_gt)
-    return dict(lmd=lmd(lm_pred[:, MOUTH_IDX], lm_gt[:, MOUTH_IDX], scale=scale),
+    a, b = lm_pred[:, MOUTH_IDX], lm_gt[:, MOUTH_IDX]                         # [N, 40, 2]
+    return dict(lmd=lmd(a, b, scale=scale), lmd_centred=lmd(a, b, scale=scale, centred=True),
                 mouth_open_corr=pearson(op_pred, op_gt), faces_found=float((~np.isnan(lm_pred[:, 0, 0])).mean()))
+
+def _eval_frames(store: FrameStore, split: str, train_frames: int) -> np.ndarray:  # [F] frame numbers
+    "The test split, or at most `train_frames` evenly spaced training frames."
+    if split == "test": return store.test_idx
+    if split == "train": return store.train_idx[np.unique(np.linspace(0, len(store.train_idx) - 1, train_frames).round().astype(int))]
+    raise ValueError(f"split must be 'test' or 'train', got {split!r}")
 
 def evaluate(run: str | Path, data: str | Path | None = None, device: str = "auto",
              static: bool = False,          # motion fields off (the canonical head)
              lmd_only: bool = False,        # add LMD to an existing report from its saved renders
              video: bool = True,            # write the side-by-side video (ground truth | render | error)
              refine: bool = True,           # rigidly correct the test frames' tracked poses (upper face, static head)
-             progress: bool = True) -> dict:
-    "Self-driven evaluation on the test split: JSON report, renders and a side-by-side video under run/eval[_static]."
+             progress: bool = True,
+             split: str = "test",           # "test" (held out) or "train" (frames it was trained on: is the fit itself good?)
+             train_frames: int = 100,       # with split="train": this many evenly spaced training frames at most
+            ) -> dict:
+    "Self-driven evaluation: per-region PSNR, SSIM, LPIPS, LMD; report.json, renders, error maps, a side-by-side video."
     run = Path(run)
-    name = ("eval_static" if static else "eval") + ("" if refine else "_tracked")
-    folder = run / name; (folder / "renders").mkdir(parents=True, exist_ok=True)
+    refine = refine and split == "test"          # training frames already have stage 0's cameras
+    name = ("eval_static" if static else "eval") + ("_train" if split == "train" else "") + ("" if refine or split == "train" else "_tracked")
+    folder = run / name
     if lmd_only:
+        if not (folder / "report.json").is_file(): raise FileNotFoundError(f"{folder / 'report.json'} not found: run the evaluation first")
         rep = json.loads((folder / "report.json").read_text())
         store = FrameStore(rep["data"], "cpu", progress=False)
         import cv2
@@ -185,41 +200,65 @@ def evaluate(run: str | Path, data: str | Path | None = None, device: str = "aut
         why = _mediapipe_ok()
         if why: raise RuntimeError(f"LMD needs {why}")
         rep["summary"].update(_lip_metrics(renders, store, idx)); rep["lmd_note"] = "from saved renders (PNG)"
+        rep["lmd_set"] = LMD_SET
         _write_report(rep, folder / "report.json")
         return rep
-    head, data, cfg = load_run(run, device, data)
+    head, data, cfg = load_run(run, device, data)                # a missing run or data folder fails here, before any write
     store = model_store(head, data, progress)
+    idx = _eval_frames(store, split, train_frames)
+    for sub in ("renders", "errors"): (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").unlink(missing_ok=True)             # never an older report beside new renders
     r = Renderer(head)
     lp = lpips_or_none(head.device, quiet=True)
-    idx, rows, renders = store.test_idx, [], []
-    if refine: store.viewmats[torch.as_tensor(idx, device=head.device)] = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])
+    rows, renders, head_share, err_sum = [], [], [], 0.0
+    if refine:
+        if progress: print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
+        store.viewmats[torch.as_tensor(idx, device=head.device)] = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])
     import cv2
     for i in tqdm(idx, desc=name, disable=not progress):
         i = int(i)
         fr = store.frame(i)
         o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], fr["torso_bg"], motion=not static)
         pred, gt = o["image"], fr["image"]
-        box = face_box(np.asarray(store.landmarks[i]), store.W)
+        lms = np.asarray(store.landmarks[i])
+        box = face_box(lms, store.W)
+        regions = region_masks(store.labels[i].cpu().numpy(), lms)
         row = dict(frame=i, psnr=psnr(pred, gt).item(), psnr_head=psnr_masked(pred, gt, fr["head"]),
                    ssim_face=ssim_in_box(pred, gt, box))
+        row |= {f"psnr_{k}": v for k, v in region_psnr(pred, gt, regions).items()}
         if lp is not None:
             with torch.no_grad(): row["lpips"] = float(lp(pred, gt))
         rows.append(row)
+        head_share.append(float(fr["head"].float().mean()))
         u8 = to_uint8(pred); renders.append(u8)
+        err_sum = err_sum + (pred - gt).abs().mean(-1).cpu().numpy()             # [H, W] mean |error| over channels
         cv2.imwrite(str(folder / "renders" / f"{i:06d}.png"), u8[..., ::-1])
+        cv2.imwrite(str(folder / "errors" / f"{i:06d}.png"), error_map(pred, gt)[..., ::-1])
     renders = np.stack(renders)
+    err_mean = err_sum / len(idx)                                                # [H, W]
+    cv2.imwrite(str(folder / "error_mean.png"), error_map(np.repeat(err_mean[..., None], 3, -1).astype(np.float32),
+                                                          np.zeros((*err_mean.shape, 3), np.float32))[..., ::-1])
     summ = {k: v for k, v in summarize(rows).items() if k != "frame"}
-    why = _mediapipe_ok()
-    if why is None: summ.update(_lip_metrics(renders, store, idx))
-    if video:
-        with VideoWriter(folder / "side_by_side.mp4", fps=store.meta["fps"]) as w:
-            for k, i in enumerate(idx): w.write(side_by_side(store.images[int(i)].cpu().numpy(), renders[k]))
-    rep = dict(run=str(run), data=str(data), static=static, frames=[int(i) for i in idx], summary=summ, per_frame=rows,
-               cameras="tracked, rigidly corrected against the static face (skin above the nose tip)" if refine else "tracked",
+    rep = dict(run=str(run), data=str(data), split=split, static=static, frames=[int(i) for i in idx], summary=summ,
+               head_share=float(np.mean(head_share)), regions=list(REGIONS),
+               region_note="PSNR per region (metrics.region_masks): the silhouette band is 8 px wide, centred on the head's outline",
+               per_frame=rows, lmd_set=LMD_SET,
+               cameras=("tracked, rigidly corrected against the static face (skin above the nose tip)" if refine else
+                        "stage 0's corrected cameras" if split == "train" and head.viewmats is not None else "tracked"),
                lpips_note=None if lp is not None else "LPIPS unavailable offline (lpips package or AlexNet weights missing)",
-               lmd_note=None if why is None else f"LMD not computed here: {why}; run evaluate(..., lmd_only=True) where mediapipe works",
+               lmd_note=None, video_note=None,
                device=torch.cuda.get_device_name(head.device) if head.device.type == "cuda" else "cpu",
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _write_report(rep, folder / "report.json")                   # the numbers are safe before anything optional runs
+    why = _mediapipe_ok()
+    if why is None: summ.update(_lip_metrics(renders, store, idx))
+    else: rep["lmd_note"] = f"LMD not computed here: {why}; run evaluate(..., lmd_only=True) where mediapipe works"
+    if video:
+        try:
+            with VideoWriter(folder / "side_by_side.mp4", fps=store.meta["fps"]) as w:
+                for k, i in enumerate(idx): w.write(side_by_side(store.images[int(i)].cpu().numpy(), renders[k]))
+        except Exception as e:                                   # an encoder that is missing or broken costs the video only
+            rep["video_note"] = f"side-by-side video not written: {type(e).__name__}: {e}"
     _write_report(rep, folder / "report.json")
     return rep
 

@@ -110,6 +110,35 @@ def test_evaluate_reports(trained):
     assert (run / "eval_static" / "report.json").exists() and st["static"]
 
 
+def test_evaluate_diagnosis(trained, monkeypatch):
+    "Per-region PSNR, the head's share, error maps, LMD named; the train split; report.json survives a broken encoder."
+    import talkinggs.synthesize as syn
+    from talkinggs.metrics import REGIONS
+    data, run = trained
+    class NoEncoder:                                          # as with imageio-ffmpeg missing: fails when opened
+        def __init__(self, *a, **k): raise RuntimeError("no ffmpeg here")
+    monkeypatch.setattr(syn, "VideoWriter", NoEncoder)
+    rep = evaluate(run, device="cpu", progress=False, split="train", train_frames=10)
+    folder = run / "eval_train"
+    train_idx = FrameStore(data, "cpu", progress=False).train_idx
+    assert rep["split"] == "train" and len(rep["frames"]) == 10 and set(rep["frames"]) <= set(train_idx.tolist())
+    assert "no ffmpeg here" in rep["video_note"] and not (folder / "side_by_side.mp4").exists()
+    saved = json.loads((folder / "report.json").read_text())
+    assert saved["video_note"] == rep["video_note"] and saved["summary"]["psnr_head"] == pytest.approx(rep["summary"]["psnr_head"])
+    for k in REGIONS:                                         # every region scored, in dB
+        assert f"psnr_{k}" in rep["per_frame"][0]
+    s = rep["summary"]
+    assert s["psnr_outside_head"] > s["psnr_head"]            # outside the head the composite is the ground truth
+    assert 0.2 < rep["head_share"] < 0.9 and "40 lip-contour points" in rep["lmd_set"]
+    assert len(list((folder / "errors").glob("*.png"))) == 10 and (folder / "error_mean.png").exists()
+    # the share ties the two PSNRs: outside the head the error is (nearly) zero, so full = head - 10 log10(share)
+    assert s["psnr"] == pytest.approx(s["psnr_head"] - 10 * np.log10(rep["head_share"]), abs=1.5)
+    with pytest.raises(ValueError, match="split"): evaluate(run, device="cpu", progress=False, split="val")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(FileNotFoundError): evaluate(run.parent / "no_such_run", device="cpu", progress=False)
+    assert not (run.parent / "no_such_run").exists() and sorted(p.name for p in run.iterdir()) == before
+
+
 def test_cli_train_refuses_existing_run(trained):
     data, run = trained
     r = subprocess.run(["talkinggs", "train", str(data), "--out", str(run), "--device", "cpu", "--quiet"],
