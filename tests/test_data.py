@@ -295,3 +295,19 @@ def test_face_alignment_on_katie_first_frame():
         mp68 = to_68(fm(img))[:, :2]                                   # [68, 2]
     assert fa[8, 1] > fa[27, 1] and fa[36, 0] < fa[45, 0]             # chin below the nose bridge; eyes in order
     assert landmark_distance(fa, mp68, normalize=True) < 0.15
+
+
+def test_get_sample_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
+    "A sample not on this machine is fetched into the cache, checked by sha256; a bad download never lands there."
+    import talkinggs.data as D
+    src = tmp_path / "remote.bin"; src.write_bytes(b"a sample clip" * 100)
+    monkeypatch.setenv("TALKINGGS_DATA", str(tmp_path / "empty")); monkeypatch.setenv("TALKINGGS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(D.SAMPLES, "test_only_clip.bin", dict(url=src.as_uri(), sha256=D.sha256sum(src), facts="test"))
+    got = D.get_sample("test_only_clip.bin")
+    assert got == tmp_path / "cache" / "test_only_clip.bin" and got.read_bytes() == src.read_bytes()
+    src.write_bytes(b"changed upstream")                      # found in the cache now: no second download
+    assert D.get_sample("test_only_clip.bin").read_bytes() != b"changed upstream"
+    monkeypatch.setitem(D.SAMPLES, "test_bad_clip.bin", dict(url=src.as_uri(), sha256="0" * 64, facts="test"))
+    with pytest.raises(IOError, match="sha256"): D.get_sample("test_bad_clip.bin")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["test_only_clip.bin"]   # no partial file left
+    with pytest.raises(FileNotFoundError, match="not in the manifest"): D.get_sample("no_such_clip.mp4")
