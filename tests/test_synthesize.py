@@ -156,6 +156,6 @@ def test_demo_command_runs_the_whole_job(trained, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     info = probe_video(tmp_path / "demo" / "demo.mp4")
     assert info.audio_codec == "aac" and info.duration > 1.0                    # driven by its speech, with sound
-    rep = json.loads((tmp_path / "demo" / "run" / "eval" / "report.json").read_text())
+    rep = json.loads((tmp_path / "demo" / "run" / "eval_tracked" / "report.json").read_text())
     assert rep["frames"] and np.isfinite(rep["summary"]["psnr_head"])
     assert "PSNR" in r.stdout and str(tmp_path / "demo" / "demo.mp4") in r.stdout
