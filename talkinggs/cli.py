@@ -129,7 +129,7 @@ def bench_cli(what: Param("what to benchmark: render, motion, train or infer", s
 
 # %% ../nbs/99_cli.ipynb #9cffd9b0
 def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, the video and the report
-         face_iters: int = 500,                 # face-branch iterations (the CPU test setting trains 2,000)
+         face_iters: int = 500,                 # face-branch iterations (mouth: an eighth, fused: a sixteenth; the CPU test trains 2,000)
          device: str = "cpu",                   # where to train
          progress: bool = True) -> dict:
     "Preprocess, train, render and evaluate the bundled synthetic head; returns the evaluation summary and the paths."
@@ -144,7 +144,8 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
         say("1/4 preprocess the synthetic head at 64x64")
         preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
     say("2/4 train (CPU settings)")
-    train(data, out / "run", cpu_demo_train_config(face_iters=face_iters), device=device,
+    cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8), fused_iters=max(5, face_iters // 16))
+    train(data, out / "run", cfg, device=device,
           resume=(out / "run" / "config.json").exists(), progress=progress)
     say("3/4 render, driven by its own speech")
     render_video(out / "run", out / "demo.mp4", audio=head / "speech.wav", device=device, progress=progress)

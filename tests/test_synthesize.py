@@ -151,7 +151,7 @@ def test_demo_command_runs_the_whole_job(trained, tmp_path):
     import shutil, subprocess, sys
     data, _ = trained
     shutil.copytree(data, tmp_path / "demo" / "data")                 # the demo's own step 1, done by the fixture
-    r = subprocess.run([sys.executable, "-m", "talkinggs", "demo", "--out", str(tmp_path / "demo"), "--face_iters", "40",
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "demo", "--out", str(tmp_path / "demo"), "--face_iters", "20",
                         "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     info = probe_video(tmp_path / "demo" / "demo.mp4")
