@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #d5b6690d
 from __future__ import annotations
-import importlib, json, sys, time
+import json, sys, time
 from pathlib import Path
 from fastcore.script import anno_parser, call_parse, Param, store_true
 

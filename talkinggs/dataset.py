@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import talkinggs
 from .landmarks import FaceMesh, interpolate_missing, LIP_GAP_PAIRS
-from .video import (VideoError, probe_video, check_header, check_faces, scan_faces, crop_box, iter_frames,
+from .video import (probe_video, check_header, check_faces, scan_faces, crop_box, iter_frames,
                              load_audio)
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH

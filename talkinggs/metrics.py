@@ -10,14 +10,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from .core import check_image, psnr, to_float_image, to_uint8
+from .core import psnr, to_float_image, to_uint8
 from .landmarks import (INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, MOUTH_IDX, RIGHT_EYE, LEFT_EYE, BackendUnavailable,
                                  FaceMesh)
 
 # %% auto #0
-__all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'side_by_side',
-           'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth', 'lpips_missing', 'lpips_net',
-           'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
+__all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'error_colors',
+           'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth',
+           'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
 
 # %% ../nbs/18_metrics.ipynb #21d2070d
 def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0, 1] (or uint8 numpy)
@@ -109,13 +109,20 @@ def error_map(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0,
               cmap: str = "inferno",            # matplotlib colormap name
              ) -> np.ndarray:                   # [H, W, 3] uint8
     "Per-pixel mean absolute error (over channels) as a colour-mapped uint8 image."
-    import matplotlib
     a, b = to_float_image(pred, "pred"), to_float_image(gt, "gt")                    # [H, W, 3] each
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"pred {tuple(a.shape)} and gt {tuple(b.shape)} must both be [H, W, 3]")
     if vmax <= 0: raise ValueError(f"vmax must be > 0, got {vmax}")
     err = (a - b.to(a.device)).abs().mean(-1).detach().cpu().numpy()        # [H, W] in [0, 1]
-    rgba = matplotlib.colormaps[cmap](np.clip(err / vmax, 0, 1))             # [H, W, 4] floats
+    return error_colors(err, vmax, cmap)
+
+def error_colors(err: np.ndarray,     # [H, W] errors (e.g. a mean over frames of per-pixel mean absolute error)
+                 vmax: float = 0.25,  # error shown at full colour (errors above are clipped)
+                 cmap: str = "inferno",
+                ) -> np.ndarray:      # [H, W, 3] uint8
+    "An error image as colours: the colour scale of `error_map`."
+    import matplotlib
+    rgba = matplotlib.colormaps[cmap](np.clip(np.asarray(err) / vmax, 0, 1))  # [H, W, 4] floats
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 def side_by_side(gt: torch.Tensor | np.ndarray,    # [H, W, 3] ground truth, float in [0, 1] or uint8

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_synthesize.ipynb #2a9d47e4
 from __future__ import annotations
-import json, os, sys, time, warnings
+import json, sys, time, warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
@@ -17,7 +17,7 @@ from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
 from .model import TalkingHead, load_head, model_store
 from .pose_refine import refine_cameras
-from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map,
+from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
                                region_masks, region_psnr, REGIONS,
                                mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, summarize)
 from .landmarks import MOUTH_IDX
@@ -236,8 +236,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, device: str = "aut
         cv2.imwrite(str(folder / "errors" / f"{i:06d}.png"), error_map(pred, gt)[..., ::-1])
     renders = np.stack(renders)
     err_mean = err_sum / len(idx)                                                # [H, W]
-    cv2.imwrite(str(folder / "error_mean.png"), error_map(np.repeat(err_mean[..., None], 3, -1).astype(np.float32),
-                                                          np.zeros((*err_mean.shape, 3), np.float32))[..., ::-1])
+    cv2.imwrite(str(folder / "error_mean.png"), error_colors(err_mean)[..., ::-1])
     summ = {k: v for k, v in summarize(rows).items() if k != "frame"}
     rep = dict(run=str(run), data=str(data), split=split, static=static, frames=[int(i) for i in idx], summary=summ,
                head_share=float(np.mean(head_share)), regions=list(REGIONS),

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import seed_everything, get_device, psnr, project_points, camera_centers
-from .runs import (atomic_save, atomic_write_text, load_checkpoint, remove_partial_saves, Interrupted,
+from .runs import (atomic_save, atomic_write_text, load_checkpoint, remove_partial_saves,
                             save_on_stop, MetricsLog, plot_metrics, versions, data_checksum)
 from .gaussians import rgb_to_sh0, opacity_inv, sh_degree_of
 from .static_fit import ssim, StaticFitConfig, make_optimizers, make_strategy
@@ -172,6 +172,10 @@ class BranchRules:
     def windows(self, iterations: int, warmup: int, cfg: TrainConfig) -> list[WindowRule]:
         "The incremental-sampling windows (Eq. 6) over `iterations`."
         raise NotImplementedError
+    @staticmethod
+    def span(iterations: int) -> int:
+        "Iterations over which a window crosses its metric range: the first 80 % (released code: 40k of 50k)."
+        return max(1, int(0.8 * iterations))
     def prepare(self, head: TalkingHead, store: FrameStore, cfg: TrainConfig) -> None:
         "Per-run state computed once before the loop (none by default)."
     def image_loss(self, rgb: torch.Tensor, alpha: torch.Tensor,    # [B, H, W, 3] render over black, [B, H, W, 1] opacity
@@ -194,7 +198,7 @@ class FaceRules(BranchRules):
         f = store.train_idx
         return f, {"lips": store.signals["lips_open"][f], "au45": store.signals["au45"][f]}
     def windows(self, iterations, warmup, cfg):
-        span = max(1, int(0.8 * iterations))
+        span = self.span(iterations)
         return [WindowRule("lips", 0.0, 0.4, step=1 / span, every=cfg.window_every_face, start=0, stop=warmup),
                 WindowRule("au45", -0.15, 0.15, step=1 / span, every=cfg.window_every_face, start=warmup, stop=span)]
     def prepare(self, head, store, cfg):
@@ -222,7 +226,7 @@ class MouthRules(BranchRules):
         f = f[vis]
         return f, {"au25": store.signals["au25"][f]}
     def windows(self, iterations, warmup, cfg):
-        span = max(1, int(0.8 * iterations))
+        span = self.span(iterations)
         return [WindowRule("au25", 0.0, 0.2, step=1 / span, every=cfg.window_every_mouth, start=warmup, stop=span,
                            descending=True)]
     def image_loss(self, rgb, alpha, target, mask, frs, cfg):
