@@ -9,7 +9,8 @@ from pathlib import Path
 from fastcore.script import anno_parser, call_parse, Param, store_true
 
 # %% auto #0
-__all__ = ['COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli', 'main']
+__all__ = ['COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli', 'ablate_cli',
+           'main']
 
 # %% ../nbs/99_cli.ipynb #2176eff0
 def _fail(cmd: str, e: Exception):
@@ -163,6 +164,29 @@ def demo_cli(out: Param("folder for the data, the run, the video and the report"
     s = r["summary"]
     print(f"{r['video']} and {r['report']} in {r['seconds']:.0f} s: PSNR {s['psnr']:.2f} dB, in the head {s['psnr_head']:.2f} dB")
 
+# %% ../nbs/99_cli.ipynb #c17dbdc3
+@call_parse
+def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str, nargs="?"),
+               out: Param("ablation folder: a run folder and row.json per row and seed, ablation.md/.json", str) = "ablation",
+               rows: Param("comma-separated row names (default: all; see --list)", str) = None,
+               seeds: Param("comma-separated seeds", str) = "0",
+               devices: Param("comma-separated devices (default: every visible GPU, else the CPU)", str) = None,
+               lip: Param("only fill in LMD and mouth-opening correlation from the saved renders", store_true) = False,
+               list_rows: Param("print the rows and what each tests", store_true) = False):
+    "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
+    from talkinggs.ablation import ROWS, ablate, fill_lip_metrics
+    if list_rows:
+        for r in ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
+        return
+    try:
+        if lip: fill_lip_metrics(out, data)
+        else:
+            if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
+            ablate(data, out, rows.split(",") if rows else None, tuple(int(s) for s in seeds.split(",")),
+                   devices.split(",") if devices else None)
+    except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
+    print(Path(out, "ablation.md").read_text())
+
 # %% ../nbs/99_cli.ipynb #461799be
 COMMANDS = {  # sub-command -> (function, one-line help)
     "preprocess": (preprocess_cli, "video -> training folder: `talkinggs preprocess VIDEO --out DIR`"),
@@ -170,6 +194,7 @@ COMMANDS = {  # sub-command -> (function, one-line help)
     "render": (render_cli, "run -> video: `talkinggs render RUN [--audio new.wav] --out video.mp4`"),
     "eval": (eval_cli, "self-driven metrics on the test split: `talkinggs eval RUN`"),
     "bench": (bench_cli, "benchmarks: `talkinggs bench render|motion|train|infer`"),
+    "ablate": (ablate_cli, "ablation rows, one per GPU: `talkinggs ablate DATA --rows baseline,random_bg --seeds 0,1,2`"),
     "demo": (demo_cli, "the whole job on the bundled synthetic head, on a CPU: `talkinggs demo --out DIR`"),
 }
 

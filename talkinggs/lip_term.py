@@ -44,6 +44,6 @@ def lip_landmark_loss(field: MotionField,        # the face branch's field
                       K: torch.Tensor,           # [3, 3]
                      ) -> torch.Tensor:          # scalar
     "Mean L1 (in mouth widths) between the field-moved lip points and the tracked ones, both from the nose tip."
-    moved = points + field(points, audio, expr)["d_means"]                        # [L+1, 3]
+    moved = points + field(points, audio, expr, viewmat)["d_means"]                        # [L+1, 3]
     uv, _ = project_points(moved, viewmat[None], K[None])                         # [1, L+1, 2]
     return ((uv[0, :-1] - uv[0, -1:]) - target).abs().mean() / width

@@ -53,12 +53,13 @@ class HeadConfig:
     window: int = 16                      # audio feature frames per video frame
     code_dim: int = 32                    # audio code size A (TalkingGaussian: 32)
     expr_dim: int = 7                     # expression size (7 AUs)
+    pose_dim: int = 0                     # head-pose code size of the face field (0: none; POSE_DIM: GaussianTalker-style)
     method: str = "talkinggaussian"       # which motion models move the branches (a key of METHODS)
 
 def talkinggaussian_motion(cfg: HeadConfig, device: str | torch.device = "cpu") -> dict[str, MotionModel]:
     "TalkingGaussian's tri-plane fields: face (Eq. 7, audio + expression) and inside of the mouth (Eq. 8, audio)."
     return dict(face=MotionField(face_branch_config(bound=cfg.bound, center=cfg.center, audio_dim=cfg.code_dim,
-                                                    expr_dim=cfg.expr_dim), device),
+                                                    expr_dim=cfg.expr_dim, pose_dim=cfg.pose_dim), device),
                 mouth=MotionField(mouth_branch_config(bound=cfg.mouth_bound, center=cfg.mouth_center,
                                                       audio_dim=cfg.code_dim), device))
 
@@ -206,13 +207,16 @@ def head_from_store(store: FrameStore,
                     face_points: int = 10_000,   # random initial face Gaussians (GSTalker: 10,000)
                     mouth_points: int = 2_000,   # random initial inside-mouth Gaussians (ours)
                     seed: int = 0,
-                    method: str = "talkinggaussian") -> TalkingHead:
+                    method: str = "talkinggaussian",
+                    pose_dim: int = 0) -> TalkingHead:           # 0, or POSE_DIM: the face field sees the head pose
     "A freshly initialised TalkingHead sized to a clip."
     geo = head_geometry(store)
     cfg = HeadConfig(width=store.W, height=store.H, fps=store.meta["fps"], center=geo["center"], bound=geo["bound"],
                      mouth_center=geo["mouth_center"], mouth_bound=geo["mouth_bound"], feat_dim=store.audio.shape[-1],
-                     window=store.audio.shape[1], method=method)
+                     window=store.audio.shape[1], method=method, pose_dim=pose_dim)
     head = TalkingHead(cfg, store.device, seed, sh_degree, face_points, mouth_points)
+    for b in head.branches:
+        if getattr(b.motion.cfg, "pose_dim", 0): b.motion.set_pose_stats(store.viewmats[torch.as_tensor(store.train_idx, device=store.device)])
     tr = store.audio[torch.as_tensor(store.train_idx, device=store.device)]       # [n_train, W, D]
     head.feat_mean.copy_(tr.mean((0, 1))); head.feat_std.copy_(tr.std((0, 1)).clamp_min(1e-3))
     return head

@@ -14,9 +14,9 @@ from .core import median_ms
 from .hashgrid import HashGridConfig, TriPlaneConfig, TriPlaneEncoder
 
 # %% auto #0
-__all__ = ['OUTPUT_DIMS', 'DELTA_KEYS', 'MotionFieldConfig', 'face_branch_config', 'mouth_branch_config', 'single_branch_config',
-           'appearance_config', 'mlp', 'MotionField', 'apply_deformation', 'synthetic_jaw_motion', 'fit_motion',
-           'bench_motion', 'bench_motion_cli']
+__all__ = ['OUTPUT_DIMS', 'POSE_DIM', 'DELTA_KEYS', 'MotionFieldConfig', 'face_branch_config', 'mouth_branch_config',
+           'single_branch_config', 'appearance_config', 'mlp', 'pose_code', 'MotionField', 'apply_deformation',
+           'synthetic_jaw_motion', 'fit_motion', 'bench_motion', 'bench_motion_cli']
 
 # %% ../nbs/22_motion_field.ipynb #cbbfbc6a
 @dataclass
@@ -26,6 +26,7 @@ class MotionFieldConfig:
     center: tuple = (0.0, 0.0, 0.0)  # box centre c
     audio_dim: int = 32              # A, size of the audio code a (0: no audio input)
     expr_dim: int = 7                # E, expression size (7 AUs: 1, 2, 4, 5, 6, 7, 45; 0: none)
+    pose_dim: int = 0                # P, head-pose code size (0: none; 12 = `pose_code`; GaussianTalker sees the viewpoint)
     region_attention: bool = True    # Eq. 7: scale a and e by V_a(H), V_e(H); False: concatenate them as is (Eq. 4, 8)
     att_hidden: int = 32             # hidden width of V_a and V_e (2-layer MLPs; TalkingGaussian code: 32)
     hidden: int = 64                 # hidden width of the decoder MLP (supp. B.1: face 64, mouth 32)
@@ -72,6 +73,14 @@ def mlp(in_dim: int, hidden: int, out_dim: int,  # layer sizes
     if zero_last: nn.init.zeros_(layers[-1].weight); nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
 
+POSE_DIM = 12   # size of `pose_code`
+
+def pose_code(viewmat: torch.Tensor,  # [4, 4] (or [B, 4, 4]) world-to-camera of the frame
+             ) -> torch.Tensor:       # [12] (or [B, 12])
+    "The head pose as the network sees it: the camera rotation (9 numbers) and the unit direction of its translation (3)."
+    R, t = viewmat[..., :3, :3], viewmat[..., :3, 3]                                 # [..., 3, 3], [..., 3]
+    return torch.cat([R.flatten(-2), t / t.norm(dim=-1, keepdim=True)], -1)
+
 class MotionField(nn.Module):
     "δ_i = MLP(H(μ_i) ⊕ C): per-Gaussian offsets from a tri-plane hash encoding and a frame condition."
     def __init__(self, cfg: MotionFieldConfig = MotionFieldConfig(),
@@ -83,8 +92,24 @@ class MotionField(nn.Module):
         att = cfg.region_attention
         self.att_audio = mlp(h, cfg.att_hidden, cfg.audio_dim, 2) if att and cfg.audio_dim else None  # V_a
         self.att_expr = mlp(h, cfg.att_hidden, cfg.expr_dim, 2) if att and cfg.expr_dim else None     # V_e
-        self.decoder = mlp(h + cfg.audio_dim + cfg.expr_dim, cfg.hidden, OUTPUT_DIMS[cfg.outputs], cfg.n_layers, zero_last=True)
+        self.decoder = mlp(h + cfg.audio_dim + cfg.expr_dim + cfg.pose_dim, cfg.hidden, OUTPUT_DIMS[cfg.outputs],
+                           cfg.n_layers, zero_last=True)
+        if cfg.pose_dim:   # the clip's pose statistics: the code is standardised with them (set by `set_pose_stats`)
+            self.register_buffer("pose_mean", torch.zeros(cfg.pose_dim)); self.register_buffer("pose_std", torch.ones(cfg.pose_dim))
         self.to(device)
+
+    @torch.no_grad()
+    def set_pose_stats(self, viewmats: torch.Tensor) -> None:  # [F, 4, 4] the training frames' cameras
+        "Mean and spread of the training poses' codes: a test pose is measured in them (and clamped to ±3 spreads)."
+        c = pose_code(viewmats.float())                                               # [F, 12]
+        self.pose_mean.copy_(c.mean(0)); self.pose_std.copy_(c.std(0).clamp_min(1e-4))
+
+    def _pose(self, pose: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        "The standardised pose code of a [4, 4] camera, broadcast to [N, P] (None when the field has no pose input)."
+        if not self.cfg.pose_dim: return None
+        if pose is None: raise ValueError("this motion field needs the frame's `pose` (a [4, 4] world-to-camera)")
+        p = ((pose_code(pose.float()) - self.pose_mean) / self.pose_std).clamp(-3, 3)   # [P]
+        return p.expand(n, self.cfg.pose_dim)
 
     def _cond(self, c: torch.Tensor | None, dim: int, n: int, name: str) -> torch.Tensor | None:
         "Broadcast a per-frame condition [dim] (or per-Gaussian [N, dim]) to [N, dim]."
@@ -96,10 +121,10 @@ class MotionField(nn.Module):
     def forward(self, means: torch.Tensor,              # [N, 3] canonical centres μ
                 audio: torch.Tensor | None = None,      # [A] (or [N, A]) audio code a
                 expr: torch.Tensor | None = None,       # [E] (or [N, E]) expression e
-                pose: torch.Tensor | None = None,       # [4, 4] head pose of the frame: not an input of this field
+                pose: torch.Tensor | None = None,       # [4, 4] world-to-camera of the frame (used when cfg.pose_dim > 0)
                ) -> dict[str, torch.Tensor]:
         "Per-Gaussian offsets: d_means [N,3], d_scales [N,3], d_quats [N,4] (deform) | d_means (translate) | d_sh0 [N,1,3], d_opacities [N] (appearance)."
-        return self.decode(self.encoder(means), audio, expr)
+        return self.decode(self.encoder(means), audio, expr, pose)
 
     @torch.no_grad()
     def inference_cache(self, means: torch.Tensor,      # [N, 3] canonical centres μ (they do not move at inference)
@@ -115,7 +140,7 @@ class MotionField(nn.Module):
     def decode(self, h: torch.Tensor | dict,            # [N, 3LF] tri-plane features H(μ), or `inference_cache(μ)`
                audio: torch.Tensor | None = None,      # [A] (or [N, A]) audio code a
                expr: torch.Tensor | None = None,       # [E] (or [N, E]) expression e
-               pose: torch.Tensor | None = None,       # [4, 4] head pose of the frame: not an input of this field
+               pose: torch.Tensor | None = None,       # [4, 4] world-to-camera of the frame (used when cfg.pose_dim > 0)
               ) -> dict[str, torch.Tensor]:
         "The offsets from given tri-plane features (or from an inference cache: then only the per-frame part runs)."
         cache = h if isinstance(h, dict) else None
@@ -123,6 +148,7 @@ class MotionField(nn.Module):
         cfg, n = self.cfg, len(h)
         a = self._cond(audio, cfg.audio_dim, n, "audio")                 # [N, A] or None
         e = self._cond(expr, cfg.expr_dim, n, "expr")                    # [N, E] or None
+        p = self._pose(pose, n)                                          # [N, P] or None
         out = {}
         if self.att_audio is not None:
             w_a = self.att_audio(h) if cache is None else cache["w_a"]; a = w_a * a   # a_r = V_a(H(μ)) ⊙ a   [N, A]
@@ -131,9 +157,9 @@ class MotionField(nn.Module):
             w_e = F.relu(self.att_expr(h)) if cache is None else cache["w_e"]; e = w_e * e   # e_r = V_e(H(μ)) ⊙ e (ReLU: released code)
             if cache is None: out["att_expr"] = w_e.norm(dim=-1)         # [N]
         if cache is None:
-            y = self.decoder(torch.cat([t for t in (h, a, e) if t is not None], -1))   # [N, out]
+            y = self.decoder(torch.cat([t for t in (h, a, e, p) if t is not None], -1))   # [N, out]
         else:   # the first layer is linear: W·[H, a_r, e_r] + b = (W_H·H + b) + W_c·[a_r, e_r], and the first term is cached
-            c = [t for t in (a, e) if t is not None]                                   # [N, A], [N, E]
+            c = [t for t in (a, e, p) if t is not None]                                # [N, A], [N, E], [N, P]
             z = cache["first"] + (F.linear(torch.cat(c, -1), self.decoder[0].weight[:, h.shape[1]:]) if c else 0)
             y = self.decoder[1:](z)                                                    # [N, out]
         if cfg.outputs == "appearance":

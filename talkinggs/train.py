@@ -22,6 +22,7 @@ from .masks import MOUTH
 from .lip_term import lip_landmark_targets, lip_landmark_loss
 from .metrics import lpips_or_none
 from .frames import FrameStore
+from .motion_field import POSE_DIM
 from .model import TalkingHead, Branch, head_from_store, head_geometry, head_state, load_head, set_splats, model_store
 from .pose_refine import rigid_correction, upper_face_mask, masked_loss, pose_parameters
 
@@ -43,6 +44,8 @@ class TrainConfig:
     pose_iters: int = 0              # stage-0 iterations (0: 10 per training frame, 2,000 to 3,000)
     pose_lr: float = 2e-4            # Adam lr of the corrections: radians, and head-box half-sides for translation (ours)
     pose_start: float = 0.1          # share of stage 0 fitting the throwaway head before the poses move (ours)
+    pose_joint: bool = False         # the face branch keeps correcting the training cameras (camera optimisation of gsplat's simple trainer; ours here)
+    pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker conditions on the viewpoint)
     sh_degree: int = 3               # highest SH degree (3DGS: 3)
     sh_interval: int = 1000          # unlock one SH degree every this many iterations (3DGS: 1,000)
     face_points: int = 10_000        # random initial face Gaussians (GSTalker: 10,000)
@@ -51,6 +54,7 @@ class TrainConfig:
     lpips_gamma: float = 0.5         # γ of LPIPS in the fused stage (Eq. 12)
     alpha_weight: float = 0.5        # weight of |A_face − face mask| (TalkingGaussian supp. B.1 "alpha supervision"; value ours)
     mouth_hole_weight: float = 0.0   # weight of the face's mean opacity inside the mouth mask (ours; off: see the GPU runs)
+    random_bg: bool = False          # face branch seen over a random colour each iteration, target the same colour off the face (ours)
     mouth_scale_max: float = 0.25    # largest inside-mouth Gaussian, as a share of its box's half side (ours)
     offset_weight: float = 1e-3      # weight of mean |Δμ| / bound + mean |Δs| (small deformation regulariser; ours)
     lip_landmark_weight: float = 1.0 # weight of the lip-landmark term: tracked lip motion supervises the face field (ours)
@@ -163,6 +167,7 @@ def init_colors_from_frames(splats: torch.nn.ParameterDict, store: FrameStore, f
 class BranchRules:
     "How one branch trains: the hooks `train_branch` calls (iterations, frames, windows, losses, after each step)."
     name, seed_offset = "", 0   # the branch it trains; added to the run's seed
+    corrects_cameras = False    # with cfg.pose_joint: this branch's loop keeps refining the training cameras
     def iterations(self, cfg: TrainConfig) -> int:
         "Iterations of this branch (static warm-up included)."
         raise NotImplementedError
@@ -184,7 +189,7 @@ class BranchRules:
         "The photometric loss of a rendered batch and the PSNR it logs."
         raise NotImplementedError
     def motion_loss(self, head: TalkingHead, store: FrameStore, j: int, audio: torch.Tensor,  # frame j, its code [A]
-                    cfg: TrainConfig) -> torch.Tensor | None:
+                    cfg: TrainConfig, viewmat: torch.Tensor) -> torch.Tensor | None:         # [4, 4] its camera
         "Extra loss once the branch moves (None: nothing)."
         return None
     def after_step(self, branch: Branch, cfg: TrainConfig) -> None:
@@ -193,6 +198,7 @@ class BranchRules:
 class FaceRules(BranchRules):
     "The face branch: all training frames, the lips then AU45 windows, face loss + alpha (+ hole), the lip-landmark term."
     name, seed_offset = "face", 0
+    corrects_cameras = True
     def iterations(self, cfg): return cfg.face_iters
     def frames(self, store):
         f = store.train_idx
@@ -205,15 +211,18 @@ class FaceRules(BranchRules):
         self.lips = lip_landmark_targets(store, head_geometry(store)["landmarks3d"]) \
             if cfg.lip_landmark_weight > 0 else None                               # the landmark term's points and targets
     def image_loss(self, rgb, alpha, target, mask, frs, cfg):
+        if cfg.random_bg:   # off the face (mouth, torso, background) the render must show the colour behind it
+            bg = torch.rand(3, device=rgb.device)                                 # [3]
+            rgb, target = composite_over(rgb, alpha, bg), target + (~mask[..., None]) * bg
         loss = _face_loss(rgb, target, alpha, mask, cfg)
         if cfg.mouth_hole_weight:
             hole = torch.stack([fr["mouth"] for fr in frs]).float()               # [B, H, W] inside of the mouth
             loss = loss + cfg.mouth_hole_weight * (alpha[..., 0] * hole).sum() / hole.sum().clamp_min(1.0)
         return loss, psnr(rgb.detach(), target)
-    def motion_loss(self, head, store, j, audio, cfg):
+    def motion_loss(self, head, store, j, audio, cfg, viewmat):
         if self.lips is None: return None
         return cfg.lip_landmark_weight * lip_landmark_loss(head.face.motion, self.lips["points"], self.lips["targets"][j],
-                                                           self.lips["width"], audio, store.e[j], store.viewmats[j], store.Ks[j])
+                                                           self.lips["width"], audio, store.e[j], viewmat, store.Ks[j])
 
 class MouthRules(BranchRules):
     "The inside of the mouth: frames where it shows, the AU25 window, masked loss + coverage + spill, kept in its box."
@@ -271,6 +280,17 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
         dstate = c["dstate"]; sstate = c["sstate"]
         gen = torch.Generator(); gen.set_state(c["sampler_gen"].cpu()); sstate["generator"] = gen
         torch.set_rng_state(c["rng"].cpu()); start = c["step"]   # (map_location moved the states to the device)
+    joint = cfg.pose_joint and rules.corrects_cameras                            # cameras refined with the branch
+    if joint:
+        center = torch.tensor(head.cfg.center, device=dev)
+        pw, pt, p_opt = pose_parameters(len(frames), dev, cfg.pose_lr, head.cfg.bound)   # [F, 3] each
+        upper = {}                                                               # frame -> upper-face mask
+        if c is not None and "pose" in c:
+            pw.data.copy_(c["pose"]["w"]); pt.data.copy_(c["pose"]["t"]); p_opt.load_state_dict(c["pose"]["opt"])
+    def cameras(rows: torch.Tensor) -> torch.Tensor:   # [B] rows -> [B, 4, 4] the cameras of those frames
+        ti = torch.as_tensor(frames, device=dev)[rows]
+        if not joint: return store.viewmats[ti]
+        return rigid_correction(store.viewmats[ti], pw[rows] - pw.mean(0), pt[rows] - pt.mean(0), center)   # zero-mean gauge
     strategy.check_sanity(splats, g_opts)
     log = MetricsLog(run_dir / "metrics.csv" if run_dir is not None else None, branch, start)
 
@@ -281,8 +301,15 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
                          g_opts={k: o.state_dict() for k, o in g_opts.items()}, f_opt=f_opt.state_dict(),
                          scheds=[s.state_dict() for s in scheds], dstate=dstate,
                          sstate={k: v for k, v in sstate.items() if k != "generator"},
-                         sampler_gen=sstate["generator"].get_state(), rng=torch.get_rng_state()), ckpt)
+                         sampler_gen=sstate["generator"].get_state(), rng=torch.get_rng_state(),
+                         **(dict(pose=dict(w=pw.detach(), t=pt.detach(), opt=p_opt.state_dict()),
+                                 cams=final_cameras()) if joint else {})), ckpt)
         log.flush()
+
+    def final_cameras() -> torch.Tensor:   # [N, 4, 4] every frame's camera, the training frames' corrected
+        cams = store.viewmats.clone()
+        with torch.no_grad(): cams[torch.as_tensor(frames, device=dev)] = cameras(torch.arange(len(frames), device=dev))
+        return cams
 
     bar = tqdm(range(start, iters), initial=start, total=iters, desc=f"{branch} branch", disable=not progress)
     t0 = time.time()
@@ -290,31 +317,40 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
         for step in bar:
             at["step"] = step
             motion = step >= warmup
-            js = [int(frames[sampler.sample(sstate, step)]) for _ in range(1 if motion else cfg.static_batch)]
+            rows = [sampler.sample(sstate, step) for _ in range(1 if motion else cfg.static_batch)]
+            js = [int(frames[r]) for r in rows]
             j = js[0]                                                             # frame number(s)
+            vm = cameras(torch.as_tensor(rows, device=dev))                      # [B, 4, 4]
             frs = [store.frame(i) for i in js]
             mask = torch.stack([fr[b.mask] for fr in frs])                        # [B, H, W] bool
             target = torch.stack([fr["image"] for fr in frs]) * mask[..., None]  # [B, H, W, 3] black outside
             audio = head.audio_code(b, store.audio, j) if motion else None
-            params = b.deformed(audio, store.e[j], store.viewmats[j])
+            params = b.deformed(audio, store.e[j], vm[0].detach())
             delta = params.pop("_delta", None)
             deg = min(step // cfg.sh_interval, sh_degree_of(splats))
             ti = torch.as_tensor(js, device=dev)
-            rgb, alpha, info = head.render_branch(params, store.viewmats[ti], store.Ks[ti], deg, cfg.backend)
+            rgb, alpha, info = head.render_branch(params, vm, store.Ks[ti], deg, cfg.backend)
             loss, quality = rules.image_loss(rgb, alpha, target, mask, frs, cfg)
+            if joint:   # the cameras follow the skin above the nose tip only (chapter 26): speech cannot move them
+                for i in js:
+                    if i not in upper: upper[i] = upper_face_mask(store, i)
+                up = torch.stack([upper[i] for i in js])                           # [B, H, W]
+                frame_rgb = torch.stack([fr["image"] for fr in frs])               # [B, H, W, 3]
+                gw = torch.autograd.grad(masked_loss(rgb, frame_rgb, up, cfg.ssim_lambda), [pw, pt], retain_graph=True)
             if delta is not None:
                 reg = delta["d_means"].abs().mean() / b.bound
                 if "d_scales" in delta: reg = reg + delta["d_scales"].abs().mean()
                 loss = loss + cfg.offset_weight * reg
-                extra = rules.motion_loss(head, store, j, audio, cfg)
+                extra = rules.motion_loss(head, store, j, audio, cfg, vm[0].detach())
                 if extra is not None: loss = loss + extra
             strategy.step_pre_backward(splats, g_opts, dstate, step, info)
             loss.backward()
-            for o in (*g_opts.values(), f_opt): o.step(); o.zero_grad(set_to_none=True)
+            if joint: pw.grad, pt.grad = gw
+            for o in (*g_opts.values(), f_opt, *([p_opt] if joint else [])): o.step(); o.zero_grad(set_to_none=True)
             for s in scheds: s.step()
             strategy.step_post_backward(splats, g_opts, dstate, step, info, packed=False)
             rules.after_step(b, cfg)
-            sampler.step_post(sstate, step, j, loss.item() if step % cfg.log_every == 0 else None)
+            sampler.step_post(sstate, step, rows[0], loss.item() if step % cfg.log_every == 0 else None)
             if step % cfg.log_every == 0 or step == iters - 1:
                 row = dict(step=step, loss=loss.item(), psnr=quality.item(), n=len(splats["means"]),
                            seconds=round(time.time() - t0, 2))
@@ -322,6 +358,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
             if callback is not None: callback(step, head)
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < iters: save(step + 1)
     save(iters)
+    if joint: store.viewmats = head.viewmats = final_cameras()                   # the later stages see these cameras
     return dict(branch=branch, iterations=iters, n=len(splats["means"]), seconds=time.time() - t0,
                 sampler_counts=sstate["counts"].tolist())
 
@@ -472,7 +509,8 @@ def train(data: str | Path,                     # folder written by `talkinggs p
                     device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     created=time.strftime("%Y-%m-%d %H:%M:%S"))
         seed_everything(cfg.seed)
-        head = head_from_store(store, cfg.sh_degree, cfg.face_points, cfg.mouth_points, cfg.seed)
+        head = head_from_store(store, cfg.sh_degree, cfg.face_points, cfg.mouth_points, cfg.seed,
+                               pose_dim=POSE_DIM if cfg.pose_cond else 0)
         if cfg.pose_refine: head.viewmats = refine_poses(head, store, cfg, out, progress)   # stage 0
         atomic_save(head_state(head), out / "init.pt")
         atomic_write_text(json.dumps(info, indent=1), out / "config.json")
@@ -488,7 +526,13 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         for p in procs: p.join()
         if any(p.exitcode != 0 for p in procs): raise RuntimeError(f"a branch process failed (exit codes {[p.exitcode for p in procs]})")
         todo = []
-    for b in todo: train_branch(head, store, b, cfg, out, progress)
+    for b in todo:
+        face = out / "face.ckpt.pt"                           # a finished face branch may have corrected the cameras
+        if b != "face" and face.exists() and "cams" in (fc := load_checkpoint(face, device)):
+            store.viewmats = head.viewmats = fc["cams"]
+        train_branch(head, store, b, cfg, out, progress)
+    if (out / "face.ckpt.pt").exists() and "cams" in (fc := load_checkpoint(out / "face.ckpt.pt", device)):
+        store.viewmats = head.viewmats = fc["cams"]                              # the fused stage and model.pt use them
     for b in head.branches:                                                       # the finished branches
         c = load_checkpoint(out / f"{b.name}.ckpt.pt", device)
         set_splats(b.splats, c["splats"])

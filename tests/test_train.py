@@ -108,6 +108,52 @@ def test_stage0_corrects_training_cameras_only_and_travels_with_the_model(clip, 
     assert rep["cameras"] == "tracked" and (run / "eval_tracked" / "report.json").exists()
 
 
+def test_joint_camera_refinement_moves_training_cameras_and_they_reach_the_model(clip, tmp_path):
+    "pose_joint: the face branch keeps correcting the training cameras; test cameras stay; model.pt holds the result."
+    run = tmp_path / "run"
+    head = train(clip, run, tiny_config(pose_refine=True, pose_iters=20, pose_start=0.0, pose_joint=True, pose_lr=2e-3),
+                 device="cpu", progress=False)
+    stage0 = load_head(run / "init.pt").viewmats                                    # cameras before the face branch
+    moved = (head.viewmats - stage0).abs().amax((1, 2))                             # [N]
+    store = FrameStore(clip, "cpu", progress=False)
+    assert (moved[store.train_idx] > 0).all() and (moved[store.test_idx] == 0).all()
+    face = torch.load(run / "face.ckpt.pt", map_location="cpu", weights_only=False)
+    assert torch.equal(face["cams"], head.viewmats) and torch.equal(load_head(run / "model.pt").viewmats, head.viewmats)
+    R = head.viewmats[:, :3, :3]
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand_as(R), atol=1e-5)
+    plain = train(clip, tmp_path / "plain", tiny_config(pose_refine=True, pose_iters=20, pose_start=0.0), device="cpu",
+                  progress=False)
+    assert torch.equal(plain.viewmats, load_head(tmp_path / "plain" / "init.pt").viewmats)   # off: stage 0's cameras
+
+
+def test_pose_conditioned_head_trains_saves_and_renders(clip, tmp_path):
+    "pose_cond: the face field sees the frame's pose (standardised with the clip's statistics saved in the model)."
+    head = train(clip, tmp_path / "run", tiny_config(pose_cond=True), device="cpu", progress=False)
+    back = load_head(tmp_path / "run" / "model.pt")
+    assert back.cfg.pose_dim == 12 and torch.equal(back.face.motion.pose_std, head.face.motion.pose_std)
+    assert (back.face.motion.pose_std != 1).any()                                   # set from the clip, not defaults
+    from talkinggs.synthesize import Renderer
+    store = FrameStore(clip, "cpu", progress=False)
+    i = int(store.test_idx[0])
+    with torch.no_grad():
+        a = Renderer(back, backend="torch").frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i])
+        b = back.render(store.viewmats[i], store.Ks[i], store.audio, i, store.e[i], backend="torch")
+    assert torch.allclose(a["image"], b["image"], atol=1e-5)                        # cached path = plain path
+
+
+def test_random_background_makes_opaque_black_off_the_face_cost():
+    "random_bg: an opaque black render where the face mask is off (the mouth) costs nothing over black, something over a colour."
+    from talkinggs.train import FaceRules
+    torch.manual_seed(0)
+    rgb, alpha = torch.zeros(1, 8, 8, 3), torch.ones(1, 8, 8, 1)                    # opaque black everywhere
+    mask = torch.ones(1, 8, 8, dtype=torch.bool); mask[:, 3:5, 2:6] = False          # a "mouth" hole in the face mask
+    target = torch.zeros(1, 8, 8, 3)                                                # black face, black outside
+    base = dict(alpha_weight=0.0, ssim_lambda=0.0)
+    black, _ = FaceRules().image_loss(rgb, alpha, target, mask, [], TrainConfig(**base))
+    coloured, _ = FaceRules().image_loss(rgb, alpha, target, mask, [], TrainConfig(random_bg=True, **base))
+    assert black.item() == 0 and coloured.item() > 0.01
+
+
 # ---------------------------------------------------------------- crash safety
 
 KILLED_RUN = textwrap.dedent("""

@@ -1,0 +1,59 @@
+"""Tests of the ablation chapter (33) and its command: two rows of the synthetic head on the CPU, resumable, one table."""
+import json, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from talkinggs.ablation import ROWS, Row, ablate, row_config, read_rows
+from talkinggs.data import repo_root
+from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
+
+TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
+            densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    "The committed synthetic talking head, preprocessed at 64x64."
+    return preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4",
+                      tmp_path_factory.mktemp("synthetic") / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+
+
+def test_rows_change_only_known_fields():
+    for r in ROWS.values():
+        cfg = row_config(r, seed=3)
+        assert cfg.seed == 3 and all(getattr(cfg, k) == v for k, v in r.changes.items())
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        row_config(Row("typo", "", dict(pose_jont=True)))
+
+
+def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
+    out = tmp_path / "abl"
+    res = ablate(clip, out, rows=["baseline", "random_bg"], devices=["cpu"], base=TINY, train_frames=6)
+    assert [r["row"] for r in res] == ["baseline", "random_bg"]
+    assert [r["config"]["random_bg"] for r in res] == [False, True]
+    assert all(r["config"]["face_iters"] == 30 and r["train"]["frames"] == 6 for r in res)
+    # the two rows trained different models: their test numbers differ
+    assert res[0]["test"]["psnr_head"] != res[1]["test"]["psnr_head"]
+    table = (out / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("| row | seed | head PSNR") and [l.split("|")[1].strip() for l in table[2:4]] == ["baseline", "random_bg"]
+    assert json.loads((out / "ablation.json").read_text())["rows"] == res
+    stamp = (out / "baseline_s0" / "row.json").stat().st_mtime_ns
+    again = ablate(clip, out, rows=["baseline"], devices=["cpu"], base=TINY)
+    assert (out / "baseline_s0" / "row.json").stat().st_mtime_ns == stamp and again == res[:1]
+    assert [r["row"] for r in read_rows(out)] == ["baseline", "random_bg"]
+
+
+def test_cli_refuses_bad_rows_and_missing_data_without_writing(tmp_path):
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "talkinggs", "ablate", *a], capture_output=True, text=True, cwd=tmp_path)
+    r = run(str(tmp_path / "nodata"), "--out", "abl")
+    assert r.returncode == 2 and "not a preprocessed clip" in r.stderr and not (tmp_path / "abl").exists()
+    r = run(str(tmp_path), "--rows", "baseline,nope", "--out", "abl")
+    assert r.returncode == 2 and "unknown rows ['nope']" in r.stderr and not (tmp_path / "abl").exists()
+    r = run("--list_rows")
+    assert r.returncode == 0 and all(name in r.stdout for name in ROWS)
