@@ -31,7 +31,7 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
     try:
         if not Path(video).exists() and video in SAMPLES: video = get_sample(video)   # data folders, else a checked download
         p = preprocess(video, out, audio=audio, cfg=PreprocessConfig(size=size), overwrite=overwrite, progress=not quiet)
-    except (VideoError, FileExistsError, FileNotFoundError, IOError) as e: _fail("preprocess", e)
+    except (VideoError, FileExistsError, FileNotFoundError, IOError, ValueError) as e: _fail("preprocess", e)
     m = json.loads((p / "meta.json").read_text())
     print(f"{p}: {m['n_frames']} frames, landmarks in {m['landmarks_found']:.1%}, reprojection RMS "
           f"{m['reprojection_rms_px']:.2f} px, {m['seconds']['total']:.1f} s")
@@ -75,6 +75,7 @@ def render_cli(run: Param("run folder (talkinggs train)", str),
     try:
         if audio and not Path(audio).exists() and audio in SAMPLES: audio = str(get_sample(audio))   # a sample's name
         r = render_video(run, out, audio, data, background, device, progress=not quiet)
+    except KeyboardInterrupt: print(f"talkinggs render: interrupted; {out} was not written", file=sys.stderr); sys.exit(130)
     except (FileNotFoundError, ValueError, IOError) as e: _fail("render", e)
     print(f"{out}: {r['frames']} frames in {r['seconds']:.1f} s")
 
@@ -143,7 +144,10 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
     data = out / "data"
     if not (data / "meta.json").exists():
         say("1/4 preprocess the synthetic head at 64x64")
-        preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
+        import warnings
+        with warnings.catch_warnings():                      # 64 px is the demo's choice: no need to warn about it
+            warnings.filterwarnings("ignore", message="frame size 64 px")
+            preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
     say("2/4 train (CPU settings)")
     cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8), fused_iters=max(5, face_iters // 16))
     train(data, out / "run", cfg, device=device,

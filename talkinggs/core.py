@@ -29,7 +29,14 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     "`'auto'`/`None` -> CUDA when available, else CPU; anything else is passed to `torch.device`."
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try: d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here: use cpu (or auto)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return d
 
 # %% ../nbs/00_core.ipynb #d5402e29
 def median_ms(fn,                     # a function of no arguments to time

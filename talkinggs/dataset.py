@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_dataset.ipynb #b715bdd1
 from __future__ import annotations
-import json, os, shutil, sys, time
+import json, os, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .landmarks import FaceMesh, interpolate_missing, LIP_GAP_PAIRS
-from .video import (probe_video, check_header, check_faces, scan_faces, crop_box, iter_frames,
+from .video import (probe_video, check_header, check_faces, check_scan_quality, scan_faces, crop_box, iter_frames,
                              load_audio)
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH
@@ -22,8 +22,8 @@ from .features import action_signals, audio_windows, align_length
 from .runs import versions
 
 # %% auto #0
-__all__ = ['PreprocessConfig', 'preprocess', 'TalkingDataset', 'synthetic_head_gaussians', 'synthetic_camera_path',
-           'make_synthetic_head']
+__all__ = ['META_KEYS', 'PreprocessConfig', 'preprocess', 'read_meta', 'TalkingDataset', 'synthetic_head_gaussians',
+           'synthetic_camera_path', 'make_synthetic_head']
 
 # %% ../nbs/16_dataset.ipynb #0da1782f
 @dataclass
@@ -32,6 +32,7 @@ class PreprocessConfig:
     fps: float = 25.0                # output frame rate (the convention of this line of work)
     sr: int = 16000                  # audio sample rate (Hz)
     crop_scale: float = 1.65         # crop side / face size (chapter 12)
+    max_rms_px: float = 2.0          # warn above this head-pose reprojection RMS (chapter 13's tests call 2 px acceptable)
     min_duration: float = 4.0        # refuse shorter clips (seconds)
     min_face_fraction: float = 0.95  # refuse when fewer frames have a face
     min_face_px: float = 96.0        # refuse smaller faces (source pixels)
@@ -55,12 +56,16 @@ def preprocess(video: str | Path,                # input video (any container/co
     "Turn a talking-head video into a training folder (frames, masks, cameras, actions, audio features)."
     cfg = cfg or PreprocessConfig()
     video, out = Path(video), Path(out)
+    if not isinstance(cfg.size, int) or cfg.size < 64 or cfg.size % 8:
+        raise ValueError(f"frame size {cfg.size}: it must be a multiple of 8 and at least 64 pixels (512 is the convention)")
+    if cfg.size < 256: warnings.warn(f"frame size {cfg.size} px: face landmarks and masks are unreliable below 256 px (512 is the convention)")
     t0, times = time.perf_counter(), {}
     if out.exists() and not overwrite: raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     info = probe_video(video)
     check_header(info, has_audio_file=audio is not None, min_duration=cfg.min_duration)
     wav = load_audio(audio if audio is not None else video, cfg.sr)                       # [S]
     scan = scan_faces(info, cfg.fps, progress=progress)
+    check_scan_quality(scan, video.name)                                                # a second face; a dark clip
     check_faces(scan.found, scan.sizes, video.name, cfg.min_face_fraction, cfg.min_face_px)
     box = crop_box(scan, info.width, info.height, cfg.crop_scale)
     times["scan"] = time.perf_counter() - t0
@@ -122,6 +127,9 @@ def preprocess(video: str | Path,                # input video (any container/co
                     mouth_area_vs_lip_gap_pearson=float(np.corrcoef(mouth_area, gap)[0, 1]),
                     blinks=sig["blinks"].tolist(), seconds=times, versions=versions("mediapipe", "librosa", "opencv", "ffmpeg"), config=asdict(cfg))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if pose["rms_px"] > cfg.max_rms_px:                         # the head-pose fit does not explain the landmarks
+            warnings.warn(f"{video.name}: head-pose reprojection RMS {pose['rms_px']:.2f} px (above {cfg.max_rms_px:g} px): "
+                          f"tracking is poor (dark, blurred or occluded face?); training will suffer")
         if out.exists(): shutil.rmtree(out)
         os.replace(tmp, out)                                         # the only step that creates `out`
     except BaseException:
@@ -130,6 +138,18 @@ def preprocess(video: str | Path,                # input video (any container/co
     return out
 
 # %% ../nbs/16_dataset.ipynb #317d93d0
+META_KEYS = ("n_frames", "fps", "width", "height", "split", "sample_rate")   # what readers of meta.json rely on
+
+def read_meta(root: str | Path) -> dict:
+    "A data folder's meta.json, checked: a broken or incomplete file gives one line naming it."
+    p = Path(root) / "meta.json"
+    if not p.is_file(): raise FileNotFoundError(f"{root} is not a talkinggs dataset (no meta.json)")
+    try: meta = json.loads(p.read_text())
+    except ValueError as e: raise ValueError(f"{p} is not valid JSON ({e}): preprocess the clip again") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing: raise ValueError(f"{p} lacks {', '.join(missing)}: it was not written by `talkinggs preprocess`; preprocess the clip again")
+    return meta
+
 class TalkingDataset(torch.utils.data.Dataset):
     "A preprocessed talking-head folder, loaded lazily: one dict of tensors per frame."
     def __init__(self, root: str | Path,
@@ -139,7 +159,7 @@ class TalkingDataset(torch.utils.data.Dataset):
                 ):
         self.root, self.device = Path(root), torch.device(device)
         if not (self.root / "meta.json").is_file(): raise FileNotFoundError(f"{root} is not a talkinggs dataset (no meta.json)")
-        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.meta = read_meta(self.root)
         n = self.meta["n_frames"]
         a, b = (0, n) if split == "all" else self.meta["split"][split]
         self.idx = np.arange(a, b)                                                     # [n_split] frame numbers
@@ -159,8 +179,12 @@ class TalkingDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _read(path: Path, flags=cv2.IMREAD_COLOR) -> np.ndarray:
-        img = cv2.imread(str(path), flags)
-        if img is None: raise FileNotFoundError(f"cannot read {path}")
+        if not path.is_file(): raise FileNotFoundError(f"cannot read {path}: missing; preprocess the clip again")
+        buf = np.fromfile(path, np.uint8)
+        if path.suffix == ".jpg" and (len(buf) < 4 or buf[-2] != 0xFF or buf[-1] != 0xD9):   # JPEG ends with EOI (FF D9)
+            raise ValueError(f"{path} is truncated (no JPEG end marker): preprocess the clip again")
+        img = cv2.imdecode(buf, flags)
+        if img is None: raise ValueError(f"cannot decode {path}: preprocess the clip again")
         return img[..., ::-1].copy() if img.ndim == 3 else img
 
     def image(self, i: int) -> np.ndarray:   # frame number -> [H, W, 3] uint8 RGB

@@ -36,8 +36,12 @@ class FrameStore:
         self.images = torch.empty((n, H, W, 3), dtype=torch.uint8, device=where)  # [N, H, W, 3]
         self.labels = torch.empty((n, H, W), dtype=torch.uint8, device=where)     # [N, H, W]
         for i in tqdm(range(n), desc="frames", disable=not progress, leave=False):
-            self.images[i] = torch.from_numpy(ds.image(i)).to(where)
-            self.labels[i] = torch.from_numpy(ds.labels(i)).to(where)
+            img, lab = ds.image(i), ds.labels(i)
+            if img.shape != (H, W, 3) or lab.shape != (H, W):
+                raise ValueError(f"frame {i} of {root} is {img.shape[1]}x{img.shape[0]} (labels {lab.shape[1]}x{lab.shape[0]}), "
+                                 f"the clip's meta.json says {W}x{H}: preprocess the clip again")
+            self.images[i] = torch.from_numpy(img).to(where)
+            self.labels[i] = torch.from_numpy(lab).to(where)
         d = self.device
         self.plate = ds.plate.to(d)                                               # [H, W, 3] uint8 background plate
         self.viewmats, self.Ks, self.e = ds.viewmats.to(d), ds.Ks.to(d), ds.e.to(d)  # [N,4,4], [N,3,3], [N,7]

@@ -32,8 +32,12 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     os.replace(tmp, path)
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    "A file written by `atomic_save`, its tensors moved to `device`."
-    return torch.load(path, map_location=device, weights_only=False)
+    "A file written by `atomic_save`, its tensors moved to `device` (a damaged file: a ValueError naming it)."
+    try: return torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError: raise
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}): it is truncated or not a talkinggs file; delete it and "
+                         f"run the command that writes it again (a deleted *.ckpt.pt is redone by `talkinggs train ... --resume`)") from None
 
 def remove_partial_saves(folder: str | Path) -> int:
     "Delete the temporary files of saves that a kill cut short (they are never read); returns how many."
@@ -123,10 +127,11 @@ def versions(*extra: str,   # more packages to name: importable modules, or "ope
     return v
 
 def data_checksum(root: str | Path) -> str:
-    "SHA-256 over the names and bytes of every file of a data folder (sorted)."
+    "SHA-256 over the names and bytes of a data folder's files: its top level, frames/ and masks/ (a run inside is not data)."
     h = hashlib.sha256()
     for p in sorted(Path(root).rglob("*")):
-        if p.is_file():
+        rel = p.relative_to(root).parts
+        if p.is_file() and (len(rel) == 1 or rel[0] in ("frames", "masks")):
             h.update(str(p.relative_to(root)).encode())
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_synthesize.ipynb #2a9d47e4
 from __future__ import annotations
-import json, sys, time, warnings
+import contextlib, json, signal, sys, time, warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
@@ -23,8 +23,8 @@ from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8
 from .landmarks import MOUTH_IDX
 
 # %% auto #0
-__all__ = ['LMD_SET', 'load_run', 'Renderer', 'audio_features', 'drive_track', 'background_for', 'render_video', 'stream_frames',
-           'evaluate', 'mouth_audio_sync']
+__all__ = ['BACKGROUNDS', 'LMD_SET', 'load_run', 'Renderer', 'audio_features', 'drive_track', 'background_for', 'render_video',
+           'stream_frames', 'evaluate', 'mouth_audio_sync']
 
 # %% ../nbs/31_synthesize.ipynb #43b2efde
 def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None,
@@ -75,6 +75,18 @@ def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarr
     idx = store.train_idx if split == "train" else np.arange(store.n)
     return idx[mirrored_loop(len(idx), n_out)]
 
+BACKGROUNDS = ("torso", "plate", "white", "black")   # what `background_for` can put behind the head
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    "Inside: SIGTERM raises KeyboardInterrupt, so `finally` blocks and `VideoWriter` clean up as on Ctrl-C."
+    def handler(signum, frame): raise KeyboardInterrupt
+    try: old = signal.signal(signal.SIGTERM, handler)
+    except ValueError: old = None                     # not the main thread: leave signals alone
+    try: yield
+    finally:
+        if old is not None: signal.signal(signal.SIGTERM, old)
+
 def background_for(store: FrameStore, i: int, kind: str = "torso") -> torch.Tensor | None:
     "The layer behind the head: 'torso' (frame i with its head replaced by the plate), 'plate', 'white', 'black'."
     if kind == "torso": return store.frame(i)["torso_bg"]
@@ -87,6 +99,8 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
                  data: str | Path | None = None, background: str = "torso", device: str = "auto",
                  max_frames: int | None = None, progress: bool = True) -> dict:
     "Render a run driven by `audio` (any length) into an mp4 with the audio; returns timing and the frame count."
+    if background not in BACKGROUNDS: raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+    if not Path(out).parent.is_dir(): raise FileNotFoundError(f"folder {Path(out).parent} does not exist (for {out})")
     head, data, _ = load_run(run, device, data)
     store = model_store(head, data, progress)
     if audio is None:
@@ -106,13 +120,17 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
     r = Renderer(head)
     t0 = time.time()
     try:
-        with VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
+        with _sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
             for t in tqdm(range(n), desc="render", disable=not progress):
                 i = int(track[t])
                 o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background))
                 w.write(o["image"])
+                if t == 9 and n > 250:                                         # long audio: say how long it will take
+                    per = (time.time() - t0) / 10
+                    print(f"rendering {n} frames ({n / store.meta['fps']:.0f} s of video): about {per * n:.0f} s on "
+                          f"{head.device.type}", file=sys.stderr)
     finally:
-        if tmp_wav is not None and tmp_wav.exists(): tmp_wav.unlink()
+        if tmp_wav is not None and tmp_wav.exists(): tmp_wav.unlink()      # on success, error, Ctrl-C and SIGTERM
     return dict(frames=n, seconds=time.time() - t0, out=str(out))
 
 # %% ../nbs/31_synthesize.ipynb #073418c6

@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_train.ipynb #e86233a0
 from __future__ import annotations
-import dataclasses, json, math, os, time
+import dataclasses, json, math, os, shutil, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -23,81 +23,13 @@ from .lip_term import lip_landmark_targets, lip_landmark_loss
 from .metrics import lpips_or_none
 from .frames import FrameStore
 from .motion_field import POSE_DIM
+from .train_config import TrainConfig, PRESETS, resolve_iterations, cpu_demo_train_config
 from .model import TalkingHead, Branch, head_from_store, head_geometry, head_state, load_head, set_splats, model_store
 from .pose_refine import rigid_correction, upper_face_mask, masked_loss, pose_parameters
 
 # %% auto #0
-__all__ = ['RULES', 'TrainConfig', 'resolve_iterations', 'cpu_demo_train_config', 'keep_in_box', 'init_colors_from_frames',
-           'BranchRules', 'FaceRules', 'MouthRules', 'train_branch', 'refine_poses', 'train_fused', 'train']
-
-# %% ../nbs/30_train.ipynb #b87a27ab
-@dataclass
-class TrainConfig:
-    preset: str = "fast"             # "fast" | "paper" | "custom" (iterations as given)
-    face_iters: int = 0              # face-branch iterations (0: from the preset and the clip length)
-    mouth_iters: int = 0             # mouth-branch iterations (0: from the preset)
-    fused_iters: int = 0             # fused colour fine-tuning iterations (0: from the preset)
-    warmup_frac: float = 0.25        # share of a branch's iterations without deformation (TalkingGaussian code: 3k of 50k; ours: longer, short runs)
-    static_batch: int = 4            # frames per iteration during the warm-up (one gsplat call renders them all; ours)
-    init_colors: bool = True         # random positions, colours looked up in the frames they project into (ours)
-    pose_refine: bool = True         # stage 0: photometric correction of the tracked head poses (ours)
-    pose_iters: int = 0              # stage-0 iterations (0: 10 per training frame, 2,000 to 3,000)
-    pose_lr: float = 2e-4            # Adam lr of the corrections: radians, and head-box half-sides for translation (ours)
-    pose_start: float = 0.1          # share of stage 0 fitting the throwaway head before the poses move (ours)
-    pose_joint: bool = False         # the face branch keeps correcting the training cameras (camera optimisation of gsplat's simple trainer; ours here)
-    pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker conditions on the viewpoint)
-    sh_degree: int = 3               # highest SH degree (3DGS: 3)
-    sh_interval: int = 1000          # unlock one SH degree every this many iterations (3DGS: 1,000)
-    face_points: int = 10_000        # random initial face Gaussians (GSTalker: 10,000)
-    mouth_points: int = 2_000        # random initial mouth Gaussians (ours)
-    ssim_lambda: float = 0.2         # λ of D-SSIM (Eq. 10-12)
-    lpips_gamma: float = 0.5         # γ of LPIPS in the fused stage (Eq. 12)
-    alpha_weight: float = 0.5        # weight of |A_face − face mask| (TalkingGaussian supp. B.1 "alpha supervision"; value ours)
-    mouth_hole_weight: float = 0.0   # weight of the face's mean opacity inside the mouth mask (ours; off: see the GPU runs)
-    random_bg: bool = False          # face branch seen over a random colour each iteration, target the same colour off the face (ours)
-    mouth_scale_max: float = 0.25    # largest inside-mouth Gaussian, as a share of its box's half side (ours)
-    offset_weight: float = 1e-3      # weight of mean |Δμ| / bound + mean |Δs| (small deformation regulariser; ours)
-    lip_landmark_weight: float = 1.0 # weight of the lip-landmark term: tracked lip motion supervises the face field (ours)
-    means_lr: float = 1.6e-4         # initial position lr × scene scale (3DGS)
-    means_lr_final_frac: float = 1e-2 # the position lr decays exponentially to this fraction (3DGS: 1.6e-4 -> 1.6e-6)
-    scales_lr: float = 5e-3          # log-scale lr (3DGS)
-    quats_lr: float = 1e-3           # quaternion lr (3DGS)
-    opacities_lr: float = 5e-2       # logit-opacity lr (3DGS code / gsplat)
-    sh0_lr: float = 2.5e-3           # degree-0 SH lr (3DGS; also the fused stage)
-    shN_lr: float = 2.5e-3 / 20      # higher-degree SH lr (3DGS; also the fused stage)
-    grid_lr: float = 5e-3            # AdamW lr of the hash grids (supp. B.1)
-    net_lr: float = 5e-4             # AdamW lr of MLPs and audio encoders (supp. B.1)
-    lr_final_frac: float = 0.1       # exponential decay of the field lrs to this fraction (supp. B.1: exponential)
-    densify_until: float = 0.5       # densify until this share of a branch's iterations (3DGS: 15k of 30k; starts at min(500, 10%))
-    grow_grad2d: float = 2e-4        # screen-gradient threshold of clone/split (3DGS)
-    grow_scale3d: float = 0.01       # clone if scale <= this × scene scale, else split (3DGS)
-    prune_opa: float = 0.005         # prune below this opacity (3DGS)
-    refine_every: int = 100          # densification period (3DGS)
-    reset_every: int = 100_000       # opacity reset period (3DGS: 3,000; off by default: the alpha loss keeps opacity honest)
-    window_every_face: int = 15      # K of Eq. 6, face branch (TalkingGaussian code: 15)
-    window_every_mouth: int = 7      # K of Eq. 6, mouth branch (TalkingGaussian code: 7)
-    backend: str = "auto"            # rasteriser: "auto" (gsplat on CUDA) | "torch" | "gsplat"
-    ckpt_every: int = 1000           # iterations between atomic checkpoints
-    log_every: int = 25              # iterations between rows of metrics.csv
-    seed: int = 0                    # everything random starts from this seed
-
-def resolve_iterations(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    "Fill in 0 iteration counts from the preset and the number of training frames."
-    if cfg.preset == "paper": f, m, u = 50_000, 50_000, 10_000
-    elif cfg.preset in ("fast", "custom"):
-        f = int(np.clip(30 * n_train, 6_000, 12_000)); m, u = f // 2, f // 6
-    else: raise ValueError(f"unknown preset {cfg.preset!r}: use 'fast' or 'paper'")
-    p = int(np.clip(10 * n_train, 2_000, 3_000))   # the 71 s clip: stage 0 in ~1.5 min of the 10
-    return dataclasses.replace(cfg, face_iters=cfg.face_iters or f, mouth_iters=cfg.mouth_iters or m,
-                               fused_iters=cfg.fused_iters or u, pose_iters=cfg.pose_iters or p)
-
-def cpu_demo_train_config(**changes) -> TrainConfig:
-    "The CPU setting of the tests and examples: 64x64 frames, 1,000 face Gaussians, no densification, short runs, no LPIPS."
-    base = TrainConfig(preset="custom", face_iters=2000, mouth_iters=100, fused_iters=30, warmup_frac=0.15,
-                       sh_degree=1, sh_interval=400, face_points=1000, mouth_points=200, densify_until=0.0,
-                       grid_lr=5e-2, net_lr=5e-3,                 # 10x supp. B.1 for a short run (as chapter 22's fit_motion)
-                       lpips_gamma=0.0, backend="torch", ckpt_every=500, log_every=10, pose_refine=False)
-    return dataclasses.replace(base, **changes)
+__all__ = ['RULES', 'keep_in_box', 'init_colors_from_frames', 'BranchRules', 'FaceRules', 'MouthRules', 'train_branch',
+           'refine_poses', 'train_fused', 'train']
 
 # %% ../nbs/30_train.ipynb #827b5f70
 def _scene_scale(store: FrameStore, frame: int, center: torch.Tensor) -> float:
@@ -481,26 +413,14 @@ def _branch_worker(branch, data, run_dir, cfg, device, progress):
     store = model_store(head, data)
     train_branch(head, store, branch, cfg, run_dir, progress)
 
-def train(data: str | Path,                     # folder written by `talkinggs preprocess`
-          out: str | Path,                      # run folder
-          cfg: TrainConfig = TrainConfig(),
-          device: str | torch.device = "auto",
-          resume: bool = False,                 # continue a run folder from its checkpoints
-          parallel: bool = False,               # face and mouth branches on two devices at once
-          devices: tuple | None = None,         # the two devices of parallel mode (default: cuda:0, cuda:1)
-          progress: bool = True,
-         ) -> TalkingHead:
-    "Train a talking head on a preprocessed clip; returns the trained model (also saved as out/model.pt)."
-    data, out, device = Path(data), Path(out), get_device(device)
-    if not (data / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json); run `talkinggs preprocess` first")
-    if (out / "config.json").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+def _start_run(data: Path, out: Path, cfg: TrainConfig, device: torch.device, resume: bool, progress: bool):
+    "Load the clip; a new run: config.json, stage 0 and init.pt; a resumed one: its saved config. The model, clip, config."
     remove_partial_saves(out)                                           # a save cut short by a kill: never read
     store = FrameStore(data, device, progress=progress)
     checksum = data_checksum(data)
     if resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
+        try: saved = json.loads((out / "config.json").read_text())
+        except ValueError as e: raise ValueError(f"{out / 'config.json'} is not valid JSON ({e}); restore it, or train into a new folder") from None
         if saved["data_checksum"] != checksum: raise ValueError(f"{data} is not the data {out} was trained on (checksum differs)")
         cfg = TrainConfig(**{"lip_landmark_weight": 0.0, **saved["train"]})   # runs from before the term: without it
     cfg = resolve_iterations(cfg, len(store.train_idx))
@@ -516,6 +436,30 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         atomic_write_text(json.dumps(info, indent=1), out / "config.json")
     head = load_head(out / "init.pt", device)
     if head.viewmats is not None: store.viewmats = head.viewmats                 # stage 0's cameras
+    return head, store, cfg
+
+def train(data: str | Path,                     # folder written by `talkinggs preprocess`
+          out: str | Path,                      # run folder
+          cfg: TrainConfig = TrainConfig(),
+          device: str | torch.device = "auto",
+          resume: bool = False,                 # continue a run folder from its checkpoints
+          parallel: bool = False,               # face and mouth branches on two devices at once
+          devices: tuple | None = None,         # the two devices of parallel mode (default: cuda:0, cuda:1)
+          progress: bool = True,
+         ) -> TalkingHead:
+    "Train a talking head on a preprocessed clip; returns the trained model (also saved as out/model.pt)."
+    data, out, device = Path(data), Path(out), get_device(device)
+    if not (data / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json); run `talkinggs preprocess` first")
+    if (out / "config.json").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, or choose another folder")
+    if cfg.preset not in PRESETS: raise ValueError(f"unknown preset {cfg.preset!r}: use one of {', '.join(PRESETS)}")
+    created = not out.exists()                                          # a failure before config.json leaves nothing
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        head, store, cfg = _start_run(data, out, cfg, device, resume, progress)
+    except BaseException:
+        if created and not (out / "config.json").exists(): shutil.rmtree(out, ignore_errors=True)
+        raise
     todo = [b.name for b in head.branches if not _done(out, b.name, RULES[b.name]().iterations(cfg))]
     if parallel and len(todo) == 2:
         import torch.multiprocessing as mp
@@ -537,7 +481,12 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         c = load_checkpoint(out / f"{b.name}.ckpt.pt", device)
         set_splats(b.splats, c["splats"])
         b.motion.load_state_dict(c["field"]); b.audio.load_state_dict(c["audio"])
-    if cfg.fused_iters > 0: train_fused(head, store, cfg, out, progress)
+    if cfg.fused_iters > 0:
+        r = train_fused(head, store, cfg, out, progress)
+        info = json.loads((out / "config.json").read_text())     # what the fused stage could use, beside what was asked
+        info["fused_lpips"] = r["lpips"] if cfg.lpips_gamma > 0 else None
+        if cfg.lpips_gamma > 0 and not r["lpips"]: info["fused_note"] = "LPIPS unavailable: the fused stage ran without its LPIPS term"
+        atomic_write_text(json.dumps(info, indent=1), out / "config.json")
     atomic_save(head_state(head), out / "model.pt")
     plot_metrics(out / "metrics.csv", out / "loss.png")
     return head

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_video.ipynb #90c11b34
 from __future__ import annotations
-import os, secrets, subprocess
+import os, secrets, subprocess, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,7 +17,8 @@ from .landmarks import FaceMesh, face_boxes
 
 # %% auto #0
 __all__ = ['VideoError', 'VideoInfo', 'ffmpeg_exe', 'probe_video', 'iter_frames', 'load_audio', 'frame_ranges', 'check_header',
-           'check_faces', 'FaceScan', 'scan_faces', 'crop_box', 'VideoWriter', 'write_video', 'mirrored_loop']
+           'check_faces', 'FaceScan', 'scan_faces', 'check_scan_quality', 'crop_box', 'VideoWriter', 'write_video',
+           'mirrored_loop']
 
 # %% ../nbs/12_video.ipynb #48194dfa
 class VideoError(ValueError):
@@ -131,6 +132,8 @@ class FaceScan:
     found: np.ndarray     # [N] bool, face found in frame i
     boxes: np.ndarray     # [N, 4] (x0, y0, x1, y1) in source pixels, NaN where not found
     n_expected: int       # frames the header promises at the output fps
+    faces: np.ndarray | None = None      # [K, 2] (frame, faces found with up to 2 looked for) on K sampled frames
+    brightness: np.ndarray | None = None # [K] mean grey level (0-255) of the sampled frames
 
     @property
     def sizes(self) -> np.ndarray:  # [N] larger side of each face box (source pixels)
@@ -145,18 +148,37 @@ def scan_faces(info: VideoInfo,
     s = min(1.0, max_side / max(info.width, info.height))
     size = (max(2, round(info.width * s / 2) * 2), max(2, round(info.height * s / 2) * 2))
     n_expected = int(round(info.duration * fps))
-    found, boxes = [], []
-    with FaceMesh() as fm:
-        for img in tqdm(iter_frames(info.path, fps, size=size), total=n_expected, desc="scan faces", disable=not progress):
+    found, boxes, faces, bright = [], [], [], []
+    sample = set(np.linspace(0, max(0, n_expected - 1), 5).round().astype(int).tolist())   # frames checked for a 2nd face
+    import mediapipe as mp
+    with FaceMesh() as fm, mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=2) as two:
+        for i, img in enumerate(tqdm(iter_frames(info.path, fps, size=size), total=n_expected, desc="scan faces",
+                                     disable=not progress)):
             p = fm(img)
             found.append(p is not None)
             boxes.append(face_boxes(p[None])[0] / np.array([size[0] / info.width, size[1] / info.height] * 2)
                          if p is not None else np.full(4, np.nan))
+            if i in sample:
+                r = two.process(np.ascontiguousarray(img)).multi_face_landmarks
+                faces.append((i, 0 if r is None else len(r))); bright.append(float(img.mean()))
     n = len(found)
     if n < 0.97 * n_expected - 2:
         raise VideoError(f"{Path(info.path).name}: truncated or damaged file: decoded {n} of {n_expected} frames "
                          f"({n / fps:.1f} of {info.duration:.1f} s)")
-    return FaceScan(np.array(found, bool), np.array(boxes, np.float32).reshape(-1, 4), n_expected)
+    return FaceScan(np.array(found, bool), np.array(boxes, np.float32).reshape(-1, 4), n_expected,
+                    np.array(faces, int).reshape(-1, 2), np.array(bright, np.float32))
+
+def check_scan_quality(scan: FaceScan, name: str = "video",
+                       dark_below: float = 40.0,  # mean grey level (0-255) under which a clip counts as dark (ours)
+                      ) -> None:
+    "Refuse a clip with a second face in most sampled frames; warn about a dark one (each with the number)."
+    if scan.faces is not None and len(scan.faces) and (scan.faces[:, 1] >= 2).mean() > 0.5:
+        k = int((scan.faces[:, 1] >= 2).sum())
+        raise VideoError(f"{name}: two faces in {k} of {len(scan.faces)} sampled frames; a clip must show one speaker "
+                         f"(crop it to the person whose voice is on the track)")
+    if scan.brightness is not None and len(scan.brightness) and float(np.mean(scan.brightness)) < dark_below:
+        warnings.warn(f"{name}: the video is dark (mean grey level {np.mean(scan.brightness):.0f} of 255, below "
+                      f"{dark_below:g}): landmarks, masks and blinks will be unreliable")
 
 def crop_box(scan: FaceScan, width: int, height: int,
              crop_scale: float = 1.65,   # crop side / face size

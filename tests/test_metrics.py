@@ -144,6 +144,8 @@ def test_mouth_landmarks_synthetic_head():
         warnings.simplefilter("ignore")
         lm = mouth_landmarks(frames, video_mode=False)
     assert lm.shape == (4, len(MOUTH_IDX), 2) and lm.dtype == np.float32
+    assert not np.isnan(lm).any()                                 # the face was found in every frame
+    assert ((lm >= 0) & (lm < 128)).all() and (lm[..., 1].mean() > 64)   # inside the frame, in its lower half (the mouth)
     with pytest.warns(UserWarning, match="no face found in 1 of 1 frames"):
         blank = mouth_landmarks(np.zeros((1, 64, 64, 3), np.uint8))
     assert np.isnan(blank).all()

@@ -273,7 +273,8 @@ def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
     save_traces(tr, tmp_path / "t.npz")
     back = load_traces(tmp_path / "t.npz")
     assert np.array_equal(back.d_means, tr.d_means) and np.abs(back.renders - tr.renders).max() <= 1 / 255
-    if back.regions["lips"].sum() >= 2: assert -1 <= lip_gap_correlation(back) <= 1
+    if back.regions["lips"].sum() >= 2:                                   # the saved traces give the same number
+        np.testing.assert_equal(lip_gap_correlation(back), lip_gap_correlation(tr))
     else:
         with pytest.raises(ValueError, match="lip Gaussians"): lip_gap_correlation(back)
     ex = TraceExplorer(back, region="lips")
