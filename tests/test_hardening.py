@@ -146,7 +146,34 @@ def test_render_stopped_by_a_signal_leaves_nothing(run, tmp_path, sig):
     p.send_signal(getattr(signal, sig))
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert "rendering 3000 frames (120 s of video): about" in err                     # a long render says how long
     assert sorted(x.name for x in out.parent.iterdir()) == []                           # no .part.mp4, no temporary wav
+
+
+# ---------------------------------------------------------------- eval
+
+def test_eval_without_video_says_what_it_does(run):
+    r = cli("eval", run, "--no_video", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "correcting the tracked poses of" in r.stderr                             # minutes on a big clip: say so
+    assert (run / "eval" / "report.json").is_file() and not (run / "eval" / "side_by_side.mp4").exists()
+
+
+def test_a_failed_eval_leaves_no_older_report_beside_new_renders(run, monkeypatch):
+    import talkinggs.synthesize as syn
+    from talkinggs.synthesize import evaluate
+    folder = run / "eval_tracked"; folder.mkdir(exist_ok=True)
+    (folder / "report.json").write_text('{"summary": {"psnr": 99}}')                 # an older evaluation
+    calls = []
+    def broken(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 2: raise RuntimeError("renderer died")
+        return real(self, *a, **k)
+    real = syn.Renderer.frame
+    monkeypatch.setattr(syn.Renderer, "frame", broken)
+    with pytest.raises(RuntimeError, match="renderer died"):
+        evaluate(run, device="cpu", progress=False, refine=False, video=False)
+    assert not (folder / "report.json").exists() and len(list((folder / "renders").glob("*.png"))) == 2
 
 
 # ---------------------------------------------------------------- input quality
