@@ -38,10 +38,10 @@ def one_line_error(r, *needles):
     assert "Traceback" not in r.stderr and lines and all(n in lines[-1] for n in needles), r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("size", [33, 100, 0, -8])
+@pytest.mark.parametrize("size", [33, 100, 16, 0, -8])
 def test_preprocess_refuses_bad_sizes_before_writing(tmp_path, size):
     r = cli("preprocess", VIDEO, "--out", tmp_path / "out", "--size", size)
-    one_line_error(r, "talkinggs preprocess: error", f"frame size {size}", "multiple of 8")
+    one_line_error(r, "talkinggs preprocess: error", f"frame size {size}", "multiple of 8 and at least 64")
     assert not (tmp_path / "out").exists()
 
 
