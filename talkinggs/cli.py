@@ -22,15 +22,18 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
                    audio: Param("audio file to use instead of the video's audio track", str) = None,
                    size: Param("output frame side in pixels", int) = 512,
                    overwrite: Param("replace an existing output folder", store_true) = False,
-                   quiet: Param("no progress bars", store_true) = False):
+                   quiet: Param("no progress bars", store_true) = False,
+                   verbose: Param("also show mediapipe's native log lines (TF Lite, absl)", store_true) = False):
     "Preprocess VIDEO into a talkinggs training folder (offline, CPU)."
     from talkinggs.data import SAMPLES, get_sample
     from talkinggs.dataset import preprocess, PreprocessConfig
     from talkinggs.video import VideoError
+    from talkinggs.landmarks import quiet_native_logs
     out = out or Path(video).stem
     try:
         if not Path(video).exists() and video in SAMPLES: video = get_sample(video)   # data folders, else a checked download
-        p = preprocess(video, out, audio=audio, cfg=PreprocessConfig(size=size), overwrite=overwrite, progress=not quiet)
+        with quiet_native_logs(None if not verbose else False):
+            p = preprocess(video, out, audio=audio, cfg=PreprocessConfig(size=size), overwrite=overwrite, progress=not quiet)
     except (VideoError, FileExistsError, FileNotFoundError, IOError, ValueError) as e: _fail("preprocess", e)
     m = json.loads((p / "meta.json").read_text())
     print(f"{p}: {m['n_frames']} frames, landmarks in {m['landmarks_found']:.1%}, reprojection RMS "
@@ -89,12 +92,16 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
              no_video: Param("skip the side-by-side video", store_true) = False,
              sync: Param("instead: mouth-opening vs audio-energy correlation of this video", str) = None,
              device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
-             quiet: Param("no progress bar", store_true) = False):
+             quiet: Param("no progress bar", store_true) = False,
+             verbose: Param("also show mediapipe's native log lines (TF Lite, absl)", store_true) = False):
     "Self-driven evaluation on the test split (report.json, renders, side-by-side video), or --sync VIDEO."
     from talkinggs.synthesize import evaluate, mouth_audio_sync
     try:
         if sync: print(json.dumps(mouth_audio_sync(sync))); return
-        rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked, progress=not quiet, split=split)
+        from talkinggs.landmarks import quiet_native_logs
+        with quiet_native_logs(None if not verbose else False):
+            rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked, progress=not quiet,
+                           split=split)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("eval", e)
     print(json.dumps(rep["summary"], indent=1))
     if "head_share" in rep: print(f"the head covers {rep['head_share']:.0%} of the frame; LMD over {rep['lmd_set']}")

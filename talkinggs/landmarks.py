@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_landmarks.ipynb #51a763e3
 from __future__ import annotations
-import contextlib, functools, os, warnings
+import contextlib, functools, os, re, sys, tempfile, warnings
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['INNER_LIP', 'OUTER_LIP', 'MOUTH_IDX', 'LIP_GAP_PAIRS', 'MOUTH_CORNERS', 'RIGHT_EYE', 'LEFT_EYE', 'RIGHT_IRIS',
-           'LEFT_IRIS', 'RIGHT_BROW', 'LEFT_BROW', 'FOREHEAD', 'CHIN', 'NOSE_TIP', 'RIGID', 'MP_TO_68', 'ordered_loop',
-           'face_oval', 'to_68', 'FaceMesh', 'detect_landmarks', 'interpolate_missing', 'face_boxes',
-           'BackendUnavailable', 'face_alignment_weights', 'face_alignment_missing', 'face_alignment_available',
-           'FaceAlignment68', 'detect_landmarks_68', 'landmark_distance']
+           'LEFT_IRIS', 'RIGHT_BROW', 'LEFT_BROW', 'FOREHEAD', 'CHIN', 'NOSE_TIP', 'RIGID', 'MP_TO_68', 'NATIVE_NOISE',
+           'ordered_loop', 'face_oval', 'to_68', 'quiet_native_logs', 'FaceMesh', 'detect_landmarks',
+           'interpolate_missing', 'face_boxes', 'BackendUnavailable', 'face_alignment_weights',
+           'face_alignment_missing', 'face_alignment_available', 'FaceAlignment68', 'detect_landmarks_68',
+           'landmark_distance']
 
 # %% ../nbs/11_landmarks.ipynb #052adab2
 INNER_LIP = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308,   # upper inner lip, right corner -> left corner
@@ -82,6 +83,30 @@ def to_68(lms: np.ndarray,  # [..., 478, C] mediapipe landmarks
          ) -> np.ndarray:   # [..., 68, C]
     "The 68-point (iBUG 300-W layout) subset of mediapipe landmarks."
     return lms[..., MP_TO_68, :]
+
+# %% ../nbs/11_landmarks.ipynb #465f642e
+NATIVE_NOISE = re.compile(r"^(W0000 |I0000 |INFO: Created TensorFlow Lite|WARNING: All log messages before absl)")   # mediapipe's C++ lines
+
+@contextlib.contextmanager
+def quiet_native_logs(enabled: bool | None = None):   # None: unless TALKINGGS_NATIVE_LOGS=1
+    "Inside: the lines mediapipe's C++ side writes to stderr are dropped; everything else reaches stderr as before."
+    if enabled is None: enabled = os.environ.get("TALKINGGS_NATIVE_LOGS", "") != "1"
+    try: fd = sys.stderr.fileno() if enabled else None
+    except (AttributeError, OSError, ValueError): fd = None      # a notebook's stderr may have no descriptor
+    if fd is None:
+        yield; return
+    sys.stderr.flush()
+    saved, tmp, py_err = os.dup(fd), tempfile.TemporaryFile(), sys.stderr
+    os.dup2(tmp.fileno(), fd)                                     # native writes to fd 2 -> the temporary file
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="replace")   # Python's writes stay live
+    try: yield
+    finally:
+        sys.stderr.flush(); sys.stderr.close(); sys.stderr = py_err
+        os.dup2(saved, fd); os.close(saved)
+        tmp.seek(0)
+        kept = [l for l in tmp.read().decode(errors="replace").splitlines(keepends=True) if not NATIVE_NOISE.match(l)]
+        tmp.close()
+        if kept: sys.stderr.write("".join(kept)); sys.stderr.flush()
 
 # %% ../nbs/11_landmarks.ipynb #9065e0b0
 class FaceMesh:

@@ -43,6 +43,12 @@ def _last_line(err: Exception) -> str:
     lines = [l.strip() for l in str(err).splitlines() if l.strip()]
     return lines[-1] if lines else type(err).__name__
 
+def _streams(path: Path) -> set[str]:
+    "The kinds of stream ffmpeg lists for a file ('Video', 'Audio', ...), from `ffmpeg -i` (empty when it cannot say)."
+    import re
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True, errors="replace")
+    return set(re.findall(r"Stream #\S+.*?: (Video|Audio|Subtitle|Data):", r.stderr))
+
 def probe_video(path: str | Path) -> VideoInfo:
     "Header facts of a video; `VideoError` when ffmpeg cannot open it."
     import imageio_ffmpeg
@@ -50,7 +56,10 @@ def probe_video(path: str | Path) -> VideoInfo:
     if not path.is_file(): raise VideoError(f"{path}: no such file")
     gen = imageio_ffmpeg.read_frames(str(path))
     try: meta = next(gen)
-    except Exception as e: raise VideoError(f"{path.name}: unreadable video ({_last_line(e)})") from None
+    except Exception as e:
+        if _streams(path) == {"Audio"}:
+            raise VideoError(f"{path.name}: no video stream (an audio-only file; give it with --audio beside a video)") from None
+        raise VideoError(f"{path.name}: unreadable video ({_last_line(e)})") from None
     finally: gen.close()
     w, h = meta["source_size"]
     return VideoInfo(str(path), int(w), int(h), float(meta["fps"]), float(meta["duration"]),

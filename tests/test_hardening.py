@@ -204,3 +204,19 @@ def test_a_dark_clip_warns_with_its_numbers(odd_videos, tmp_path):
     msgs = [str(w.message) for w in rec]
     assert any("the video is dark (mean grey level" in m for m in msgs), msgs
     assert any("reprojection RMS" in m and "above 2 px" in m for m in msgs), msgs
+
+
+def test_preprocess_prints_no_native_log_noise_unless_asked(tmp_path):
+    quiet = cli("preprocess", VIDEO, "--out", tmp_path / "a", "--size", 64, "--quiet")
+    assert quiet.returncode == 0 and "frames, landmarks in" in quiet.stdout, quiet.stderr[-2000:]
+    assert "TensorFlow Lite" not in quiet.stderr and "W0000" not in quiet.stderr and "absl" not in quiet.stderr
+    assert "frame size 64 px" in quiet.stderr                                       # our own warnings still reach the user
+    loud = cli("preprocess", VIDEO, "--out", tmp_path / "b", "--size", 64, "--quiet", "--verbose")
+    assert loud.returncode == 0 and "TensorFlow Lite" in loud.stderr                 # the filter is what removed them
+
+
+def test_an_audio_only_file_has_no_video_stream(tmp_path):
+    import numpy as np
+    from scipy.io import wavfile
+    wavfile.write(tmp_path / "speech.wav", 16000, np.zeros(16000 * 5, np.int16))
+    one_line_error(cli("preprocess", tmp_path / "speech.wav", "--out", tmp_path / "out"), "speech.wav: no video stream")
