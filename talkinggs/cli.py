@@ -32,7 +32,7 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
     out = out or Path(video).stem
     try:
         if not Path(video).exists() and video in SAMPLES: video = get_sample(video)   # data folders, else a checked download
-        with quiet_native_logs(None if not verbose else False):
+        with quiet_native_logs(False if verbose else None):
             p = preprocess(video, out, audio=audio, cfg=PreprocessConfig(size=size), overwrite=overwrite, progress=not quiet)
     except (VideoError, FileExistsError, FileNotFoundError, IOError, ValueError) as e: _fail("preprocess", e)
     m = json.loads((p / "meta.json").read_text())
@@ -99,7 +99,7 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
     try:
         if sync: print(json.dumps(mouth_audio_sync(sync))); return
         from talkinggs.landmarks import quiet_native_logs
-        with quiet_native_logs(None if not verbose else False):
+        with quiet_native_logs(False if verbose else None):
             rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked, progress=not quiet,
                            split=split)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("eval", e)

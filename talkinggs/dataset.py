@@ -46,15 +46,14 @@ class PreprocessConfig:
     test_every: int = 11             # the last ceil(n/test_every) frames are the test split
 
 # %% ../nbs/16_dataset.ipynb #27db9d0d
-def _warm_imports() -> threading.Thread:
+def _warm_imports() -> None:
     "Import what later steps need (librosa's features: 1.6 s; torch's compiler stubs, pulled in by the first optimiser step: 1.3 s) on another core."
     def run():
         try:
             import librosa.feature  # noqa: F401
             import torch._dynamo    # noqa: F401
         except Exception: pass   # a failed import shows itself where the module is really needed
-    t = threading.Thread(target=run, daemon=True); t.start()
-    return t
+    threading.Thread(target=run, daemon=True).start()
 
 def preprocess(video: str | Path,                # input video (any container/codec ffmpeg reads)
                out: str | Path,                  # output folder (must not exist unless overwrite)
@@ -169,7 +168,6 @@ class TalkingDataset(torch.utils.data.Dataset):
                  frames_on_device: bool = False,      # decode all frames once into a uint8 tensor on `device`
                 ):
         self.root, self.device = Path(root), torch.device(device)
-        if not (self.root / "meta.json").is_file(): raise FileNotFoundError(f"{root} is not a talkinggs dataset (no meta.json)")
         self.meta = read_meta(self.root)
         n = self.meta["n_frames"]
         a, b = (0, n) if split == "all" else self.meta["split"][split]

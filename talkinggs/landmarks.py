@@ -114,10 +114,11 @@ class FaceMesh:
     def __init__(self,
                  video_mode: bool = True,        # track between frames (False: detect on every image)
                  min_confidence: float = 0.5,    # detection and tracking confidence (mediapipe default)
+                 max_faces: int = 1,             # faces looked for (`count` tells how many were found; calls return the first)
                 ):
         import mediapipe as mp  # heavy import, deferred until a tracker is needed
         self.mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=not video_mode, max_num_faces=1, refine_landmarks=True,
+            static_image_mode=not video_mode, max_num_faces=max_faces, refine_landmarks=True,
             min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
 
     def __call__(self, img: np.ndarray,  # [H, W, 3] uint8 RGB
@@ -127,6 +128,10 @@ class FaceMesh:
         if not res.multi_face_landmarks: return None
         lm = res.multi_face_landmarks[0].landmark
         return np.array([(p.x * w, p.y * h, p.z * w) for p in lm], dtype=np.float32)
+
+    def count(self, img: np.ndarray) -> int:  # [H, W, 3] uint8 RGB -> faces found (at most `max_faces`)
+        "How many faces the mesh finds in an image."
+        return len(self.mesh.process(np.ascontiguousarray(img)).multi_face_landmarks or [])
 
     def close(self): self.mesh.close()
     def __enter__(self): return self

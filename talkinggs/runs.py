@@ -12,8 +12,8 @@ import torch
 import talkinggs
 
 # %% auto #0
-__all__ = ['atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'Interrupted', 'save_on_stop',
-           'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
+__all__ = ['atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'Interrupted', 'sigterm_as_interrupt',
+           'save_on_stop', 'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
 
 # %% ../nbs/04_runs.ipynb #1af2492a
 def atomic_save(obj, path: str | Path) -> None:
@@ -50,20 +50,26 @@ class Interrupted(Exception):
     "A loop stopped by SIGINT/SIGTERM after saving a checkpoint."
 
 @contextlib.contextmanager
+def sigterm_as_interrupt():
+    "Inside: SIGTERM raises KeyboardInterrupt, so a kill cleans up (finally blocks, saves) exactly as Ctrl-C does."
+    def handler(signum, frame): raise KeyboardInterrupt
+    try: old = signal.signal(signal.SIGTERM, handler)
+    except ValueError: old = None     # not the main thread (e.g. a worker process of a notebook): leave signals alone
+    try: yield
+    finally:
+        if old is not None: signal.signal(signal.SIGTERM, old)
+
+@contextlib.contextmanager
 def save_on_stop(save,      # save(step): writes the checkpoint of iteration `step`
                  what: str, # what is running, for the message ("face branch")
                 ):
     "Ctrl-C or SIGTERM inside: save(at['step']), then raise Interrupted. Yields `at`, where the loop records its step."
-    def handler(signum, frame): raise KeyboardInterrupt
-    try: old = signal.signal(signal.SIGTERM, handler)
-    except ValueError: old = None     # not the main thread (e.g. a worker process of a notebook)
     at = {"step": 0}
-    try: yield at
-    except KeyboardInterrupt:
-        save(at["step"])
-        raise Interrupted(f"{what} interrupted at iteration {at['step']}; checkpoint saved, continue with --resume") from None
-    finally:
-        if old is not None: signal.signal(signal.SIGTERM, old)
+    with sigterm_as_interrupt():
+        try: yield at
+        except KeyboardInterrupt:
+            save(at["step"])
+            raise Interrupted(f"{what} interrupted at iteration {at['step']}; checkpoint saved, continue with --resume") from None
 
 # %% ../nbs/04_runs.ipynb #dc69fb84
 class MetricsLog:

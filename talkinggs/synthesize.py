@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_synthesize.ipynb #2a9d47e4
 from __future__ import annotations
-import contextlib, json, signal, sys, time, warnings
+import json, sys, time, warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import psnr, get_device
-from .runs import atomic_write_text
+from .runs import atomic_write_text, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
 from .model import TalkingHead, load_head, model_store
@@ -77,16 +77,6 @@ def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarr
 
 BACKGROUNDS = ("torso", "plate", "white", "black")   # what `background_for` can put behind the head
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    "Inside: SIGTERM raises KeyboardInterrupt, so `finally` blocks and `VideoWriter` clean up as on Ctrl-C."
-    def handler(signum, frame): raise KeyboardInterrupt
-    try: old = signal.signal(signal.SIGTERM, handler)
-    except ValueError: old = None                     # not the main thread: leave signals alone
-    try: yield
-    finally:
-        if old is not None: signal.signal(signal.SIGTERM, old)
-
 def background_for(store: FrameStore, i: int, kind: str = "torso") -> torch.Tensor | None:
     "The layer behind the head: 'torso' (frame i with its head replaced by the plate), 'plate', 'white', 'black'."
     if kind == "torso": return store.frame(i)["torso_bg"]
@@ -120,7 +110,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
     r = Renderer(head)
     t0 = time.time()
     try:
-        with _sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
+        with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
             for t in tqdm(range(n), desc="render", disable=not progress):
                 i = int(track[t])
                 o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background))

@@ -219,8 +219,9 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
         upper = {}                                                               # frame -> upper-face mask
         if c is not None and "pose" in c:
             pw.data.copy_(c["pose"]["w"]); pt.data.copy_(c["pose"]["t"]); p_opt.load_state_dict(c["pose"]["opt"])
+    frame_idx = torch.as_tensor(frames, device=dev)                             # [F] frame numbers on the device
     def cameras(rows: torch.Tensor) -> torch.Tensor:   # [B] rows -> [B, 4, 4] the cameras of those frames
-        ti = torch.as_tensor(frames, device=dev)[rows]
+        ti = frame_idx[rows]
         if not joint: return store.viewmats[ti]
         return rigid_correction(store.viewmats[ti], pw[rows] - pw.mean(0), pt[rows] - pt.mean(0), center)   # zero-mean gauge
     strategy.check_sanity(splats, g_opts)
@@ -240,7 +241,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
 
     def final_cameras() -> torch.Tensor:   # [N, 4, 4] every frame's camera, the training frames' corrected
         cams = store.viewmats.clone()
-        with torch.no_grad(): cams[torch.as_tensor(frames, device=dev)] = cameras(torch.arange(len(frames), device=dev))
+        with torch.no_grad(): cams[frame_idx] = cameras(torch.arange(len(frames), device=dev))
         return cams
 
     bar = tqdm(range(start, iters), initial=start, total=iters, desc=f"{branch} branch", disable=not progress)
@@ -461,6 +462,8 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         if created and not (out / "config.json").exists(): shutil.rmtree(out, ignore_errors=True)
         raise
     todo = [b.name for b in head.branches if not _done(out, b.name, RULES[b.name]().iterations(cfg))]
+    if "face" not in todo and "cams" in (fc := load_checkpoint(out / "face.ckpt.pt", device)):
+        store.viewmats = head.viewmats = fc["cams"]       # corrected by a face branch finished earlier (pose_joint)
     if parallel and len(todo) == 2:
         import torch.multiprocessing as mp
         devs = devices or ("cuda:0", "cuda:1")
@@ -470,17 +473,12 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         for p in procs: p.join()
         if any(p.exitcode != 0 for p in procs): raise RuntimeError(f"a branch process failed (exit codes {[p.exitcode for p in procs]})")
         todo = []
-    for b in todo:
-        face = out / "face.ckpt.pt"                           # a finished face branch may have corrected the cameras
-        if b != "face" and face.exists() and "cams" in (fc := load_checkpoint(face, device)):
-            store.viewmats = head.viewmats = fc["cams"]
-        train_branch(head, store, b, cfg, out, progress)
-    if (out / "face.ckpt.pt").exists() and "cams" in (fc := load_checkpoint(out / "face.ckpt.pt", device)):
-        store.viewmats = head.viewmats = fc["cams"]                              # the fused stage and model.pt use them
+    for b in todo: train_branch(head, store, b, cfg, out, progress)   # a face branch with pose_joint hands its cameras on
     for b in head.branches:                                                       # the finished branches
         c = load_checkpoint(out / f"{b.name}.ckpt.pt", device)
         set_splats(b.splats, c["splats"])
         b.motion.load_state_dict(c["field"]); b.audio.load_state_dict(c["audio"])
+        if "cams" in c: store.viewmats = head.viewmats = c["cams"]              # pose_joint: the fused stage, model.pt
     if cfg.fused_iters > 0:
         r = train_fused(head, store, cfg, out, progress)
         info = json.loads((out / "config.json").read_text())     # what the fused stage could use, beside what was asked

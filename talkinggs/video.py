@@ -159,8 +159,7 @@ def scan_faces(info: VideoInfo,
     n_expected = int(round(info.duration * fps))
     found, boxes, faces, bright = [], [], [], []
     sample = set(np.linspace(0, max(0, n_expected - 1), 5).round().astype(int).tolist())   # frames checked for a 2nd face
-    import mediapipe as mp
-    with FaceMesh() as fm, mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=2) as two:
+    with FaceMesh() as fm, FaceMesh(video_mode=False, max_faces=2) as two:
         for i, img in enumerate(tqdm(iter_frames(info.path, fps, size=size), total=n_expected, desc="scan faces",
                                      disable=not progress)):
             p = fm(img)
@@ -168,8 +167,7 @@ def scan_faces(info: VideoInfo,
             boxes.append(face_boxes(p[None])[0] / np.array([size[0] / info.width, size[1] / info.height] * 2)
                          if p is not None else np.full(4, np.nan))
             if i in sample:
-                r = two.process(np.ascontiguousarray(img)).multi_face_landmarks
-                faces.append((i, 0 if r is None else len(r))); bright.append(float(img.mean()))
+                faces.append((i, two.count(img))); bright.append(float(img.mean()))
     n = len(found)
     if n < 0.97 * n_expected - 2:
         raise VideoError(f"{Path(info.path).name}: truncated or damaged file: decoded {n} of {n_expected} frames "
