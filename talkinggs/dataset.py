@@ -4,7 +4,8 @@
 
 # %% ../nbs/16_dataset.ipynb #b715bdd1
 from __future__ import annotations
-import json, os, shutil, sys, threading, time, warnings
+import collections, json, os, pickle, shutil, subprocess, sys, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -46,14 +47,66 @@ class PreprocessConfig:
     test_every: int = 11             # the last ceil(n/test_every) frames are the test split
 
 # %% ../nbs/16_dataset.ipynb #27db9d0d
-def _warm_imports() -> None:
-    "Import what later steps need (librosa's features: 1.6 s; torch's compiler stubs, pulled in by the first optimiser step: 1.3 s) on another core."
-    def run():
+_HELPER = "from talkinggs.dataset import _tail_worker; _tail_worker()"   # the helper process's program
+
+def _tail(tmp: str | Path,         # the temporary output folder
+          lms: np.ndarray,         # [N, 478, 3] landmarks in pixels, missing frames filled
+          found: np.ndarray,       # [N] bool, frames with measured landmarks
+          wav: np.ndarray,         # [N * samples per frame] float32 audio, aligned to the frames
+          cfg: dict,               # PreprocessConfig as a dict (plain data crosses the pipe)
+          progress: bool = False,  # tqdm bar of the head-pose fit
+         ) -> dict:
+    "Step 5: cameras, action signals, audio and its windows written into `tmp`; the numbers meta.json needs."
+    from scipy.io import wavfile
+    tmp, cfg, S = Path(tmp), PreprocessConfig(**cfg), cfg["size"]
+    pose = fit_head_pose(lms, found, S, S, PoseConfig(iters=cfg.pose_iters, smooth=cfg.pose_smooth), progress=progress)
+    np.savez(tmp / "cameras.npz", viewmats=pose["viewmats"], Ks=pose["Ks"], shape=pose["shape"],
+             focal=pose["focal"], rms_px=pose["rms_px"], per_frame_rms=pose["per_frame_rms"])
+    sig = action_signals(lms, cfg.fps)
+    np.savez(tmp / "actions.npz", **sig)
+    wavfile.write(tmp / "audio.wav", cfg.sr, (np.clip(wav, -1, 1) * 32767).astype(np.int16))
+    np.save(tmp / "audio_feats.npy", audio_windows(wav, len(lms), cfg.sr, cfg.fps, cfg.audio_kind, cfg.audio_dim))
+    return dict(rms_px=pose["rms_px"], focal=pose["focal"], blinks=sig["blinks"].tolist())
+
+def _tail_worker() -> None:
+    "The helper process: import what step 5 needs, then run `_tail` on the request read from stdin; the answer to stdout."
+    answer, sys.stdout = sys.stdout.buffer, sys.stderr        # a stray print must not corrupt the answer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            import librosa.feature  # noqa: F401
-            import torch._dynamo    # noqa: F401
-        except Exception: pass   # a failed import shows itself where the module is really needed
-    threading.Thread(target=run, daemon=True).start()
+            import librosa.feature, scipy.signal, torch._dynamo  # noqa: F401  (the optimiser's first step imports torch._dynamo)
+            audio_windows(np.zeros(16000, np.float32), 25)         # librosa loads its submodules on first use
+        except Exception: pass                                 # a failed import shows itself where the module is really needed
+    req = sys.stdin.buffer.read()
+    if not req: return                                         # the parent stopped before step 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try: res = ("ok", _tail(*pickle.loads(req)))
+        except Exception as e: res = ("error", e)
+    msgs = [(str(w.message), w.category) for w in caught]
+    try: data = pickle.dumps((*res, msgs))
+    except Exception: data = pickle.dumps(("error", RuntimeError(repr(res[1])), msgs))   # an unpicklable exception
+    answer.write(data); answer.flush(); sys.stderr.flush()
+    os._exit(0)                                                # skip the interpreter's teardown (torch's takes ~0.5 s)
+
+def _start_helper() -> subprocess.Popen | None:
+    "Start the helper process (a fresh interpreter, so any script or notebook may call `preprocess`); None where it cannot start."
+    import talkinggs
+    path = [str(Path(talkinggs.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))   # the same talkinggs as this process
+    try: return subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    except OSError: return None
+
+def _helper_answer(proc: subprocess.Popen, out: bytes) -> dict | None:
+    "Unpack the helper's answer: its warnings are warned again here, its error raised here; None when it gave none."
+    if not out:
+        warnings.warn(f"the preprocessing helper process stopped (exit code {proc.returncode}) without an answer; "
+                      f"step 5 runs in this process instead")
+        return None
+    status, value, msgs = pickle.loads(out)
+    for text, category in msgs: warnings.warn(text, category)
+    if status == "error": raise value
+    return value
 
 def preprocess(video: str | Path,                # input video (any container/codec ffmpeg reads)
                out: str | Path,                  # output folder (must not exist unless overwrite)
@@ -70,82 +123,85 @@ def preprocess(video: str | Path,                # input video (any container/co
     if cfg.size < 256: warnings.warn(f"frame size {cfg.size} px: face landmarks and masks are unreliable below 256 px (512 is the convention)")
     t0, times = time.perf_counter(), {}
     if out.exists() and not overwrite: raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    _warm_imports()                                           # while this thread decodes and tracks faces
     info = probe_video(video)
     check_header(info, has_audio_file=audio is not None, min_duration=cfg.min_duration)
     wav = load_audio(audio if audio is not None else video, cfg.sr)                       # [S]
-    scan = scan_faces(info, cfg.fps, progress=progress)
-    check_scan_quality(scan, video.name)                                                # a second face; a dark clip
-    check_faces(scan.found, scan.sizes, video.name, cfg.min_face_fraction, cfg.min_face_px)
-    box = crop_box(scan, info.width, info.height, cfg.crop_scale)
-    times["scan"] = time.perf_counter() - t0
-
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists(): shutil.rmtree(tmp)
-    try:
-        (tmp / "frames").mkdir(parents=True); (tmp / "masks").mkdir()
-        n_max, S = len(scan.found) + 2, cfg.size
-        person = np.lib.format.open_memmap(tmp / "person.npy", "w+", np.uint8, (n_max, S, S // 8))  # packed bits, on disk
-        plate_at = set(np.linspace(0, len(scan.found) - 1, cfg.plate_frames).round().astype(int).tolist())
-        lms, plate_imgs = [], []
-        with FaceMesh() as fm, PersonSegmenter() as seg:
-            for i, img in enumerate(tqdm(iter_frames(video, cfg.fps, crop=box, size=S), total=len(scan.found),
-                                         desc="frames", disable=not progress)):
-                if i >= n_max: break
-                p = fm(img)
-                lms.append(np.full((478, 3), np.nan, np.float32) if p is None else p)
+    proc = _start_helper()                                   # step 5's imports load on the second core meanwhile
+    try:                                                     # everything after it: the helper is stopped if this stops early
+        scan = scan_faces(info, cfg.fps, progress=progress)
+        check_scan_quality(scan, video.name)                                            # a second face; a dark clip
+        check_faces(scan.found, scan.sizes, video.name, cfg.min_face_fraction, cfg.min_face_px)
+        box = crop_box(scan, info.width, info.height, cfg.crop_scale)
+        times["scan"] = time.perf_counter() - t0
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        if tmp.exists(): shutil.rmtree(tmp)
+        try:
+            (tmp / "frames").mkdir(parents=True); (tmp / "masks").mkdir()
+            n_max, S = len(scan.found) + 2, cfg.size
+            person = np.lib.format.open_memmap(tmp / "person.npy", "w+", np.uint8, (n_max, S, S // 8))  # packed bits, on disk
+            plate_at = set(np.linspace(0, len(scan.found) - 1, cfg.plate_frames).round().astype(int).tolist())
+            lms, plate_imgs = [], []
+            def seg_and_jpeg(i: int, img: np.ndarray):   # [S, S, 3] uint8 RGB: person bits and JPEG of frame i, on a second thread
                 person[i] = np.packbits(seg(img) > cfg.person_threshold, axis=1)
                 ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
                 buf.tofile(tmp / "frames" / f"{i:06d}.jpg")
-                if i in plate_at: plate_imgs.append(img.copy())
-        n = len(lms)
-        lms = np.stack(lms); found = ~np.isnan(lms[:, 0, 0])
-        check_faces(found, np.full(n, 1e9), video.name, cfg.min_face_fraction, 0)
-        lms = interpolate_missing(lms, found)
-        times["frames"] = time.perf_counter() - t0
+            with FaceMesh() as fm, PersonSegmenter() as seg, ThreadPoolExecutor(1) as pool:
+                pending = collections.deque()                    # frames in flight on the second thread
+                for i, img in enumerate(tqdm(iter_frames(video, cfg.fps, crop=box, size=S), total=len(scan.found),
+                                             desc="frames", disable=not progress)):
+                    if i >= n_max: break
+                    pending.append(pool.submit(seg_and_jpeg, i, img))   # mediapipe and OpenCV release the GIL: both cores work
+                    p = fm(img)
+                    lms.append(np.full((478, 3), np.nan, np.float32) if p is None else p)
+                    if i in plate_at: plate_imgs.append(img.copy())
+                    while len(pending) > 4: pending.popleft().result()  # a few frames in flight at most: flat memory
+                for f in pending: f.result()
+            n = len(lms)
+            lms = np.stack(lms); found = ~np.isnan(lms[:, 0, 0])
+            check_faces(found, np.full(n, 1e9), video.name, cfg.min_face_fraction, 0)
+            lms = interpolate_missing(lms, found)
+            times["frames"] = time.perf_counter() - t0
+            spf = int(round(cfg.sr / cfg.fps))                                                   # samples per frame
+            wav = align_length(wav, n * spf, unit=spf, what="audio")
+            np.save(tmp / "landmarks.npy", lms); np.save(tmp / "found.npy", found)
 
-        mouth_area = np.zeros(n, np.float32); plate_labs = []
-        for i in tqdm(range(n), desc="masks", disable=not progress):
-            lab = frame_labels(lms[i], np.unpackbits(person[i], axis=1, count=S).astype(bool))
-            cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), lab)
-            mouth_area[i] = (lab == MOUTH).mean()
-            if i in plate_at: plate_labs.append(lab)
-        del person; (tmp / "person.npy").unlink()
-        plate = background_plate(np.stack(plate_imgs), np.stack(plate_labs))
-        cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
-        times["masks"] = time.perf_counter() - t0
+            args = (str(tmp), lms, found, wav, asdict(cfg))
+            with ThreadPoolExecutor(1) as pool:                  # step 5 in the helper process while this one draws the masks
+                sent = pool.submit(proc.communicate, pickle.dumps(args, pickle.HIGHEST_PROTOCOL)) if proc else None
+                mouth_area = np.zeros(n, np.float32); plate_labs = []
+                for i in tqdm(range(n), desc="masks", disable=not progress):
+                    lab = frame_labels(lms[i], np.unpackbits(person[i], axis=1, count=S).astype(bool))
+                    cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), lab)
+                    mouth_area[i] = (lab == MOUTH).mean()
+                    if i in plate_at: plate_labs.append(lab)
+                del person; (tmp / "person.npy").unlink()
+                plate = background_plate(np.stack(plate_imgs), np.stack(plate_labs))
+                cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
+                times["masks"] = time.perf_counter() - t0
+                res = _helper_answer(proc, sent.result()[0]) if proc else None
+                if res is None: res = _tail(*args, progress=progress)      # no helper process: step 5 here, after the masks
+            times["total"] = time.perf_counter() - t0
 
-        pose = fit_head_pose(lms, found, S, S, PoseConfig(iters=cfg.pose_iters, smooth=cfg.pose_smooth), progress=progress)
-        np.savez(tmp / "cameras.npz", viewmats=pose["viewmats"], Ks=pose["Ks"], shape=pose["shape"],
-                 focal=pose["focal"], rms_px=pose["rms_px"], per_frame_rms=pose["per_frame_rms"])
-        sig = action_signals(lms, cfg.fps)
-        np.savez(tmp / "actions.npz", **sig)
-        spf = int(round(cfg.sr / cfg.fps))                                                   # samples per frame
-        wav = align_length(wav, n * spf, unit=spf, what="audio")
-        from scipy.io import wavfile
-        wavfile.write(tmp / "audio.wav", cfg.sr, (np.clip(wav, -1, 1) * 32767).astype(np.int16))
-        np.save(tmp / "audio_feats.npy", audio_windows(wav, n, cfg.sr, cfg.fps, cfg.audio_kind, cfg.audio_dim))
-        np.save(tmp / "landmarks.npy", lms); np.save(tmp / "found.npy", found)
-        times["total"] = time.perf_counter() - t0
-
-        gap = np.mean([np.linalg.norm(lms[:, a, :2] - lms[:, b, :2], axis=-1) for a, b in LIP_GAP_PAIRS], 0)
-        n_train = n - -(-n // cfg.test_every)                       # ceil: 200 frames -> 181 train / 19 test
-        meta = dict(source=str(video.resolve()), source_info=asdict(info), audio_source=str(audio or video),
-                    crop=dict(x0=box[0], y0=box[1], side=box[2]), n_frames=n, fps=cfg.fps, width=S, height=S,
-                    sample_rate=cfg.sr, split=dict(train=[0, n_train], test=[n_train, n]),
-                    landmarks_found=float(found.mean()), reprojection_rms_px=pose["rms_px"], focal_px=pose["focal"],
-                    mouth_area_vs_lip_gap_pearson=float(np.corrcoef(mouth_area, gap)[0, 1]),
-                    blinks=sig["blinks"].tolist(), seconds=times, versions=versions("mediapipe", "librosa", "opencv", "ffmpeg"), config=asdict(cfg))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if pose["rms_px"] > cfg.max_rms_px:                         # the head-pose fit does not explain the landmarks
-            warnings.warn(f"{video.name}: head-pose reprojection RMS {pose['rms_px']:.2f} px (above {cfg.max_rms_px:g} px): "
-                          f"tracking is poor (dark, blurred or occluded face?); training will suffer")
-        if out.exists(): shutil.rmtree(out)
-        os.replace(tmp, out)                                         # the only step that creates `out`
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            gap = np.mean([np.linalg.norm(lms[:, a, :2] - lms[:, b, :2], axis=-1) for a, b in LIP_GAP_PAIRS], 0)
+            n_train = n - -(-n // cfg.test_every)                       # ceil: 200 frames -> 181 train / 19 test
+            meta = dict(source=str(video.resolve()), source_info=asdict(info), audio_source=str(audio or video),
+                        crop=dict(x0=box[0], y0=box[1], side=box[2]), n_frames=n, fps=cfg.fps, width=S, height=S,
+                        sample_rate=cfg.sr, split=dict(train=[0, n_train], test=[n_train, n]),
+                        landmarks_found=float(found.mean()), reprojection_rms_px=res["rms_px"], focal_px=res["focal"],
+                        mouth_area_vs_lip_gap_pearson=float(np.corrcoef(mouth_area, gap)[0, 1]),
+                        blinks=res["blinks"], seconds=times, versions=versions("mediapipe", "librosa", "opencv", "ffmpeg"), config=asdict(cfg))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            if res["rms_px"] > cfg.max_rms_px:                          # the head-pose fit does not explain the landmarks
+                warnings.warn(f"{video.name}: head-pose reprojection RMS {res['rms_px']:.2f} px (above {cfg.max_rms_px:g} px): "
+                              f"tracking is poor (dark, blurred or occluded face?); training will suffer")
+            if out.exists(): shutil.rmtree(out)
+            os.replace(tmp, out)                                         # the only step that creates `out`
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+    finally:
+        if proc is not None and proc.poll() is None: proc.kill(); proc.wait()   # stopped early: the helper is not needed
 
 # %% ../nbs/16_dataset.ipynb #317d93d0
 META_KEYS = ("n_frames", "fps", "width", "height", "split", "sample_rate")   # what readers of meta.json rely on
