@@ -42,8 +42,10 @@ def lip_landmark_loss(field: MotionField,        # the face branch's field
                       expr: torch.Tensor,        # [E] expression of the frame
                       viewmat: torch.Tensor,     # [4, 4] camera of the frame
                       K: torch.Tensor,           # [3, 3]
+                      d_points: torch.Tensor | None = None,  # [L+1, 3] Δμ of `points` if already evaluated (training: with the Gaussians)
                      ) -> torch.Tensor:          # scalar
     "Mean L1 (in mouth widths) between the field-moved lip points and the tracked ones, both from the nose tip."
-    moved = points + field(points, audio, expr, viewmat)["d_means"]                        # [L+1, 3]
+    if d_points is None: d_points = field(points, audio, expr, viewmat)["d_means"]       # [L+1, 3]
+    moved = points + d_points                                                     # [L+1, 3]
     uv, _ = project_points(moved, viewmat[None], K[None])                         # [1, L+1, 2]
     return ((uv[0, :-1] - uv[0, -1:]) - target).abs().mean() / width

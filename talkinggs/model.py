@@ -85,13 +85,19 @@ class Branch(nn.Module):
                  expr: torch.Tensor | None = None,      # [E] expression of the frame
                  pose: torch.Tensor | None = None,      # [4, 4] world-to-camera of the frame
                  cache: dict | None = None,             # `motion.inference_cache` of the centres (inference)
+                 extra: torch.Tensor | None = None,     # [M, 3] more canonical points to move with the same call (training)
                 ) -> dict:
-        "Stored parameters with the frame's offsets applied (plus `_delta`, the offsets themselves)."
+        "Stored parameters with the frame's offsets applied (plus `_delta`, the offsets, and `_extra`, Δμ of `extra` [M, 3])."
         s = self.splats
         if audio is None: return dict(s.items())
         e = expr if self.uses_expr else None
-        delta = self.motion.decode(cache, audio, e, pose) if cache is not None else self.motion(s["means"], audio, e, pose)
-        return apply_deformation(s, delta) | {"_delta": delta}
+        if cache is not None: return apply_deformation(s, delta := self.motion.decode(cache, audio, e, pose)) | {"_delta": delta}
+        if extra is None: return apply_deformation(s, delta := self.motion(s["means"], audio, e, pose)) | {"_delta": delta}
+        n = len(s["means"])   # one evaluation for the Gaussians and the extra points: half the kernel launches of two
+        delta = self.motion(torch.cat([s["means"], extra]), audio, e, pose)                 # each [N + M, ...]
+        moved = delta["d_means"][n:]                                                       # [M, 3]
+        delta = {k: v[:n] for k, v in delta.items()}
+        return apply_deformation(s, delta) | {"_delta": delta, "_extra": moved}
 
 # %% ../nbs/25_model.ipynb #4e97f613
 class TalkingHead(nn.Module):

@@ -55,7 +55,7 @@ def pose_parameters(n: int,                          # frames to correct
     "Rigid corrections w, t [n, 3] (zero) and their Adam (translation lr in units of the head box)."
     w = torch.zeros(n, 3, device=device, requires_grad=True)                    # [n, 3] axis-angle
     t = torch.zeros(n, 3, device=device, requires_grad=True)                    # [n, 3] shift
-    return w, t, torch.optim.Adam([dict(params=[w], lr=lr), dict(params=[t], lr=lr * bound)])
+    return w, t, torch.optim.Adam([dict(params=[w], lr=lr), dict(params=[t], lr=lr * bound)], fused=w.is_cuda)
 
 # %% ../nbs/26_pose_refine.ipynb #8f13d3c5
 @torch.enable_grad()

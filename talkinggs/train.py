@@ -52,7 +52,8 @@ def _branch_optimizers(branch: Branch, cfg: TrainConfig, iters: int, scene_scale
     g_opts = make_optimizers(branch.splats, _gaussian_lrs(cfg), scene_scale)
     groups = branch.motion.param_groups(cfg.grid_lr, cfg.net_lr)
     groups.append(dict(params=list(branch.audio.parameters()), lr=cfg.net_lr))
-    f_opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.0)
+    f_opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.0,
+                              fused=branch.splats["means"].is_cuda)   # one kernel per step on CUDA
     gamma = cfg.lr_final_frac ** (1 / max(1, iters))
     scheds = [torch.optim.lr_scheduler.ExponentialLR(g_opts["means"], cfg.means_lr_final_frac ** (1 / max(1, iters))),
               torch.optim.lr_scheduler.ExponentialLR(f_opt, gamma)]
@@ -120,8 +121,12 @@ class BranchRules:
                    frs: list[dict], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:  # loss [], PSNR []
         "The photometric loss of a rendered batch and the PSNR it logs."
         raise NotImplementedError
+    def points(self) -> torch.Tensor | None:  # [M, 3] canonical points that `motion_loss` needs moved
+        "Points (not Gaussians) the motion model moves in the same call as the Gaussians, for `motion_loss` (None: none)."
+        return None
     def motion_loss(self, head: TalkingHead, store: FrameStore, j: int, audio: torch.Tensor,  # frame j, its code [A]
-                    cfg: TrainConfig, viewmat: torch.Tensor) -> torch.Tensor | None:         # [4, 4] its camera
+                    cfg: TrainConfig, viewmat: torch.Tensor,                                 # [4, 4] its camera
+                    d_points: torch.Tensor | None = None) -> torch.Tensor | None:            # [M, 3] Δμ of `points()`
         "Extra loss once the branch moves (None: nothing)."
         return None
     def after_step(self, branch: Branch, cfg: TrainConfig) -> None:
@@ -151,10 +156,11 @@ class FaceRules(BranchRules):
             hole = torch.stack([fr["mouth"] for fr in frs]).float()               # [B, H, W] inside of the mouth
             loss = loss + cfg.mouth_hole_weight * (alpha[..., 0] * hole).sum() / hole.sum().clamp_min(1.0)
         return loss, psnr(rgb.detach(), target)
-    def motion_loss(self, head, store, j, audio, cfg, viewmat):
+    def points(self): return None if self.lips is None else self.lips["points"]
+    def motion_loss(self, head, store, j, audio, cfg, viewmat, d_points=None):
         if self.lips is None: return None
         return cfg.lip_landmark_weight * lip_landmark_loss(head.face.motion, self.lips["points"], self.lips["targets"][j],
-                                                           self.lips["width"], audio, store.e[j], viewmat, store.Ks[j])
+                                                           self.lips["width"], audio, store.e[j], viewmat, store.Ks[j], d_points)
 
 class MouthRules(BranchRules):
     "The inside of the mouth: frames where it shows, the AU25 window, masked loss + coverage + spill, kept in its box."
@@ -258,8 +264,8 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
             mask = torch.stack([fr[b.mask] for fr in frs])                        # [B, H, W] bool
             target = torch.stack([fr["image"] for fr in frs]) * mask[..., None]  # [B, H, W, 3] black outside
             audio = head.audio_code(b, store.audio, j) if motion else None
-            params = b.deformed(audio, store.e[j], vm[0].detach())
-            delta = params.pop("_delta", None)
+            params = b.deformed(audio, store.e[j], vm[0].detach(), extra=rules.points() if motion else None)
+            delta, d_points = params.pop("_delta", None), params.pop("_extra", None)
             deg = min(step // cfg.sh_interval, sh_degree_of(splats))
             ti = torch.as_tensor(js, device=dev)
             rgb, alpha, info = head.render_branch(params, vm, store.Ks[ti], deg, cfg.backend)
@@ -274,7 +280,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
                 reg = delta["d_means"].abs().mean() / b.bound
                 if "d_scales" in delta: reg = reg + delta["d_scales"].abs().mean()
                 loss = loss + cfg.offset_weight * reg
-                extra = rules.motion_loss(head, store, j, audio, cfg, vm[0].detach())
+                extra = rules.motion_loss(head, store, j, audio, cfg, vm[0].detach(), d_points)
                 if extra is not None: loss = loss + extra
             strategy.step_pre_backward(splats, g_opts, dstate, step, info)
             loss.backward()
@@ -359,7 +365,7 @@ def train_fused(head: TalkingHead, store: FrameStore, cfg: TrainConfig, run_dir:
     colour = [b.splats[k] for b in head.branches for k in ("sh0", "shN")]
     for p in colour: p.requires_grad_(True)
     opt = torch.optim.Adam([dict(params=[p], lr=cfg.sh0_lr if i % 2 == 0 else cfg.shN_lr) for i, p in enumerate(colour)],
-                           eps=1e-15)
+                           eps=1e-15, fused=dev.type == "cuda")
     gen, start = torch.Generator().manual_seed(cfg.seed), 0
     if ckpt is not None and ckpt.exists():
         c = load_checkpoint(ckpt, dev)
