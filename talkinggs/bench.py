@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_bench.ipynb #131a2daf
 from __future__ import annotations
-import platform, resource, time
+import csv, json, platform, resource, statistics, subprocess, time
 from pathlib import Path
 from typing import Sequence
 import torch
@@ -17,7 +17,7 @@ from .train import TrainConfig, train_branch
 from .synthesize import load_run, Renderer
 
 # %% auto #0
-__all__ = ['machine_name', 'bench_scene', 'bench_render', 'bench_train', 'bench_infer']
+__all__ = ['machine_name', 'bench_scene', 'bench_render', 'bench_train', 'bench_infer', 'versions', 'train_rates', 'bench_report']
 
 # %% ../nbs/90_bench.ipynb #90bf14c5
 def machine_name(device: torch.device) -> str:
@@ -99,18 +99,131 @@ def bench_train(data: str | Path, device: str = "auto", iters: int = 300, warmup
           f" (face {len(head.face.splats['means']):,} / mouth {len(head.mouth.splats['means']):,} Gaussians at the end)")
     return out
 
-def bench_infer(run: str | Path, device: str = "auto", frames: int = 200, warmup: int = 20) -> dict:
-    "Median ms and FPS from audio window to fused 512² frame over the torso layer (batch 1, no file I/O)."
+def _gpu_busy_ms(fn, n: int, device: torch.device) -> float | None:
+    "Summed kernel time per call of `fn(k)` over n calls, from the profiler (None on the CPU)."
+    if device.type != "cuda": return None
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(n): fn(k)
+        torch.cuda.synchronize(device)
+    us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in prof.key_averages())
+    return us / 1000 / n
+
+def bench_infer(run: str | Path, device: str = "auto",
+                frames: int = 200,        # frames per timed run (the clip's frames, cycled)
+                repeats: int = 5,         # timed runs; the median is reported
+                warmup: int = 20,         # untimed frames first (graph capture, cuDNN choices)
+               ) -> dict:
+    "ms and FPS from audio window to fused frame over the torso layer (batch 1, no file I/O), reference and fast renderers."
     head, data, _ = load_run(run, device)
     store = model_store(head, data)
-    r = Renderer(head)
-    bg = store.frame(0)["torso_bg"]
-    t = [0]
-    def one():
-        i = t[0] % store.n; t[0] += 1
-        r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
-    ms = median_ms(one, head.device, frames, warmup)
-    n = sum(len(b.splats["means"]) for b in head.branches)
-    print(f"inference on {torch.cuda.get_device_name(head.device) if head.device.type == 'cuda' else 'CPU'}: "
-          f"{ms:.2f} ms per {head.cfg.width}x{head.cfg.height} frame = {1000 / ms:.0f} FPS ({n:,} Gaussians)")
-    return dict(ms=ms, fps=1000 / ms, gaussians=n)
+    dev, bg = head.device, store.frame(0)["torso_bg"]
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    renderers = {"reference": Renderer(head)}
+    try:
+        from talkinggs.synthesize import FastRenderer
+        renderers["fast"] = FastRenderer(head)
+    except ImportError: pass                       # a checkout from before the fast path (the before/after comparison)
+    out = dict(gaussians=sum(len(b.splats["means"]) for b in head.branches), size=[head.cfg.width, head.cfg.height],
+               frames=frames, repeats=repeats, machine=machine_name(dev))
+    for name, r in renderers.items():
+        one = lambda k: r.frame(store.audio, k % store.n, store.viewmats[k % store.n], store.Ks[k % store.n],
+                                store.e[k % store.n], bg)
+        for k in range(warmup): one(k)
+        runs = []
+        for _ in range(repeats):                   # frames run back to back, as in a video: one sync per run
+            sync(); t0 = time.perf_counter()
+            for k in range(frames): one(k)
+            sync(); runs.append((time.perf_counter() - t0) / frames * 1000)
+        ms = statistics.median(runs)
+        out[name] = dict(ms=ms, fps=1000 / ms, runs_ms=runs, gpu_busy_ms=_gpu_busy_ms(one, min(frames, 50), dev))
+    if "fast" in renderers:                        # the same frames from both: the largest pixel difference
+        d = 0.0
+        for k in range(0, store.n, max(1, store.n // 50)):
+            a, b = (renderers[n].frame(store.audio, k, store.viewmats[k], store.Ks[k], store.e[k], bg)["image"] for n in ("reference", "fast"))
+            d = max(d, (a - b).abs().max().item())
+        out["fast"]["max_abs_diff"] = d
+    out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None
+    for name in renderers:
+        o, busy = out[name], out[name]["gpu_busy_ms"]
+        print(f"inference ({name}) on {out['machine']}: {o['ms']:.2f} ms per {head.cfg.width}x{head.cfg.height} frame = "
+              f"{o['fps']:.0f} FPS, median of {repeats} runs of {frames} frames ({out['gaussians']:,} Gaussians)"
+              + (f"; the GPU is busy {busy:.2f} ms of it" if busy is not None else ""))
+    if "fast" in out: print(f"largest |reference - fast| pixel difference: {out['fast']['max_abs_diff']:.1e}")
+    return out
+
+
+# %% ../nbs/90_bench.ipynb #afc47343
+def versions() -> dict:
+    "Versions of what the numbers depend on, and the git commit of the package when it runs from a checkout."
+    from importlib.metadata import version, PackageNotFoundError
+    def v(name):
+        try: return version(name)
+        except PackageNotFoundError: return None
+    root, commit = Path(__file__).resolve().parent.parent, None
+    if (root / ".git").exists():                       # a checkout itself (a copied package inside another checkout is not)
+        try:
+            git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = (git("rev-parse", "--short", "HEAD") or None)
+            if commit and git("status", "--porcelain", "--untracked-files=no"): commit += "+changes"   # uncommitted edits
+        except Exception: pass
+    import talkinggs
+    return dict(talkinggs=talkinggs.__version__, commit=commit, python=platform.python_version(), torch=torch.__version__,
+                cuda=torch.version.cuda, gsplat=v("gsplat"), mediapipe=v("mediapipe"), numpy=v("numpy"))
+
+def train_rates(run: str | Path) -> dict[str, dict]:
+    "Iterations per second of each stage of a finished run (static and motion parts of a branch apart), from metrics.csv."
+    run = Path(run)
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    by: dict[str, list] = {}
+    with open(run / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            st, step, sec = r["stage"], float(r["step"]), float(r["seconds"])
+            if st in ("face", "mouth"):                  # the warm-up has no deformation: a different cost per step
+                st += " static" if step < int(cfg["warmup_frac"] * cfg[st + "_iters"]) else " motion"
+            by.setdefault(st, []).append((step, sec))
+    out = {}
+    for st, v in by.items():
+        v = v[1:]                                        # the first row of a stage also holds its set-up
+        if len(v) > 2 and v[-1][1] > v[0][1]:
+            out[st] = dict(its=(v[-1][0] - v[0][0]) / (v[-1][1] - v[0][1]), steps=int(v[-1][0] - v[0][0]))
+    return out
+
+def bench_report(data: str | Path,                 # a preprocessed clip (trained on), or the folder `video` goes to
+                 out: str | Path,                  # folder for the run and bench.json
+                 video: str | Path | None = None,  # also time `preprocess` of this video into `data` (needs mediapipe)
+                 train: bool = True,               # train the preset (False: only what else is asked)
+                 preset: str = "fast",             # training preset (chapter 28)
+                 device: str = "auto",
+                 frames: int = 200, repeats: int = 5,  # inference: frames per run, runs
+                 seed: int = 0,
+                 cfg: TrainConfig | None = None,   # train with this instead of the preset (the tests' CPU settings)
+                ) -> dict:
+    "Preprocessing, training and inference speed on this machine, written to out/bench.json and returned."
+    from talkinggs.runs import atomic_write_text
+    from talkinggs import train as train_mod
+    out, data, dev = Path(out), Path(data), get_device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = dict(machine=machine_name(dev), cpu_count=__import__("os").cpu_count(), versions=versions(),
+               time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if video is not None:
+        from talkinggs.dataset import preprocess
+        from talkinggs.video import probe_video
+        t0 = time.perf_counter()
+        preprocess(video, data, progress=False)
+        s = time.perf_counter() - t0
+        clip = probe_video(video).duration
+        rep["preprocess"] = dict(seconds=s, clip_seconds=clip, realtime_factor=clip / s, video=str(video))
+        print(f"preprocess: {s:.1f} s for {clip:.1f} s of video ({clip / s:.2f}x real time, {rep['cpu_count']} CPU cores)")
+    if train:
+        run = out / "run"
+        if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        train_mod.train(data, run, cfg or TrainConfig(preset=preset, seed=seed), device=dev, progress=False)
+        rep["train"] = dict(preset=preset, wall_s=time.perf_counter() - t0, stages=train_rates(run),
+                            peak_gpu_mib=torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None)
+        print(f"train ({preset}): {rep['train']['wall_s']:.0f} s; " +
+              ", ".join(f"{k} {v['its']:.0f} it/s" for k, v in rep["train"]["stages"].items()))
+        rep["infer"] = bench_infer(run, dev, frames, repeats)
+    atomic_write_text(json.dumps(rep, indent=1), out / "bench.json")
+    return rep

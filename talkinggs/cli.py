@@ -110,8 +110,11 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
 
 # %% ../nbs/99_cli.ipynb #c11178e3
 @call_parse
-def bench_cli(what: Param("what to benchmark: render, motion, train or infer", str),
-              path: Param("data folder (train) or run folder (infer)", str) = "",
+def bench_cli(what: Param("what to benchmark: render, motion, train, infer or report", str),
+              path: Param("data folder (train, report) or run folder (infer)", str) = "",
+              out: Param("report: folder for the run and bench.json", str) = "bench",
+              video: Param("report: also time preprocessing this video into --path", str) = "",
+              no_train: Param("report: skip training and inference", store_true) = False,
               ns: Param("comma-separated scene sizes (render) or point counts (motion)", str) = "",
               size: Param("image size in pixels (render)", int) = 512,
               backends: Param("comma-separated backends (default: all available)", str) = "",
@@ -129,12 +132,17 @@ def bench_cli(what: Param("what to benchmark: render, motion, train or infer", s
         except ImportError as e:
             raise SystemExit(f"talkinggs bench motion: the motion-field module is not available ({e})")
         bench_motion(**({"n_points": counts} if counts else {}), device="cuda" if device == "auto" else device)
-    elif what in ("train", "infer"):
-        if not path: raise SystemExit(f"talkinggs bench {what}: give --path (a data folder for train, a run folder for infer)")
-        from talkinggs.bench import bench_train, bench_infer
-        (bench_train if what == "train" else bench_infer)(path, device=device)
+    elif what in ("train", "infer", "report"):
+        if not path: raise SystemExit(f"talkinggs bench {what}: give --path (a data folder for train and report, a run folder for infer)")
+        from talkinggs.bench import bench_train, bench_infer, bench_report
+        try:
+            if what == "report":
+                bench_report(path, out, video=video or None, train=not no_train, device=device, repeats=repeats)
+                print(f"wrote {Path(out) / 'bench.json'}")
+            else: (bench_train if what == "train" else bench_infer)(path, device=device)
+        except (FileNotFoundError, FileExistsError, ValueError) as e: _fail(f"bench {what}", e)
     else:
-        raise SystemExit(f"talkinggs bench: unknown benchmark {what!r}; choose render, motion, train or infer")
+        raise SystemExit(f"talkinggs bench: unknown benchmark {what!r}; choose render, motion, train, infer or report")
 
 # %% ../nbs/99_cli.ipynb #9cffd9b0
 def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, the video and the report

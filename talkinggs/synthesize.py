@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import psnr, get_device
+from .core import psnr, get_device, camera_centers
+from .gaussians import activate, sh_to_color, sh_degree_of
+from .rasterize import rasterize, gsplat_available
+from .fusion import fuse_face_mouth, fuse_alpha, composite_over
 from .runs import atomic_write_text, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
@@ -23,8 +26,8 @@ from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8
 from .landmarks import MOUTH_IDX
 
 # %% auto #0
-__all__ = ['BACKGROUNDS', 'LMD_SET', 'load_run', 'Renderer', 'audio_features', 'drive_track', 'background_for', 'render_video',
-           'stream_frames', 'evaluate', 'mouth_audio_sync']
+__all__ = ['RASTER_KEYS', 'BACKGROUNDS', 'LMD_SET', 'load_run', 'Renderer', 'FastRenderer', 'audio_features', 'drive_track',
+           'background_for', 'render_video', 'stream_frames', 'evaluate', 'mouth_audio_sync']
 
 # %% ../nbs/31_synthesize.ipynb #43b2efde
 def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None,
@@ -54,6 +57,105 @@ class Renderer:
               motion: bool = True) -> dict[str, torch.Tensor]:
         "One frame: image [H, W, 3] (over `background`), head, alpha [H, W, 1], and the offsets of each branch."
         return self.head.render(viewmat, K, feats, t, expr, background, motion, self.backend, cache=self.cache)
+
+# %% ../nbs/31_synthesize.ipynb #67b31292
+RASTER_KEYS = ("means", "quats", "scales", "opacities", "colors")   # what the rasteriser reads of each branch
+
+class FastRenderer:
+    "`Renderer.frame` with no host sync but gsplat's own, the per-frame networks in one CUDA graph, both branches in one rasterisation."
+    def __init__(self, head: TalkingHead, backend: str = "auto",
+                 graph: bool | None = None,        # capture the per-frame networks as a CUDA graph (None: on CUDA)
+                 one_pass: bool | None = None):    # both branches in one batched gsplat call (None: with gsplat on CUDA)
+        self.head = head.eval()
+        dev, c = head.device, head.cfg
+        self.backend = ("gsplat" if dev.type == "cuda" and gsplat_available() else "torch") if backend == "auto" else backend
+        self.graph = dev.type == "cuda" if graph is None else graph
+        self.one_pass = self.backend == "gsplat" if one_pass is None else one_pass
+        if self.one_pass and self.backend != "gsplat": raise ValueError("one_pass needs the gsplat backend (CUDA)")
+        self.smooth = head.face.audio.cfg.smooth
+        self.cache = {b.name: b.motion.inference_cache(b.splats["means"]) for b in head.branches}   # H(μ) [N_b, 3LF], ...
+        self.offsets = torch.arange(self.smooth, device=dev) - self.smooth // 2   # [S] neighbour offsets (as neighbour_indices)
+        self.win = torch.zeros(self.smooth, c.window, c.feat_dim, device=dev)     # [S, W, D] the frame's neighbour windows
+        self.expr = torch.zeros(max(c.expr_dim, 1), device=dev)[:c.expr_dim]     # [E]
+        self.viewmat = torch.eye(4, device=dev)                                   # [4, 4]
+        if self.one_pass:   # [B, N_max, ...] per branch; rows past a branch's own count are invisible (opacity 0: culled)
+            B, n = len(head.branches), max(len(b.splats["means"]) for b in head.branches)
+            z = lambda *s: torch.zeros(B, n, *s, device=dev)
+            self.batch = dict(means=z(3), quats=z(4), scales=z(3) + 1e-6, opacities=z(), colors=z(3))
+            self.batch["quats"][..., 0] = 1.0
+        self._g, self._out = None, None                                           # the CUDA graph and its outputs
+
+    @torch.no_grad()
+    def _splats(self) -> list[dict]:
+        "Per branch: the frame's activated Gaussians with view-dependent colour [N, 3] (the body of the graph)."
+        h = self.head
+        x = (self.win - h.feat_mean) / h.feat_std                  # [S, W, D] standardised windows
+        cam = camera_centers(self.viewmat)                         # [3] (gsplat inverts the 4x4 instead)
+        out = []
+        for k, b in enumerate(h.branches):
+            p = b.deformed(b.audio(x), self.expr, self.viewmat, self.cache[b.name])
+            p.pop("_delta")
+            deg = sh_degree_of(p)
+            p = activate(p)
+            p["colors"] = sh_to_color(deg, p["colors"], p["means"] - cam)   # [N, 3], the rasteriser's SH step done here
+            if self.one_pass:
+                for key in RASTER_KEYS: self.batch[key][k, :len(p["means"])].copy_(p[key])
+            out.append(p)
+        return out
+
+    def _capture(self) -> None:
+        "Record `_splats` as a CUDA graph, after warm-up runs on a side stream (cuDNN picks its kernels there)."
+        dev = self.head.device
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(3): self._splats()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g): self._out = self._splats()
+        self._g = g
+
+    def _layers(self, ps: list[dict], viewmat: torch.Tensor, K: torch.Tensor) -> list[tuple]:
+        "Each branch's premultiplied colour [H, W, 3] and opacity [H, W, 1]."
+        W, H = self.head.cfg.width, self.head.cfg.height
+        if self.one_pass:
+            from gsplat import rasterization
+            B = len(ps)
+            rgb, alpha, _ = rasterization(**self.batch, viewmats=viewmat.expand(B, 1, 4, 4), Ks=K.expand(B, 1, 3, 3),
+                                          width=W, height=H, packed=False)   # [B, 1, H, W, 3], [B, 1, H, W, 1]
+            return [(rgb[k, 0], alpha[k, 0]) for k in range(B)]
+        out = []
+        for p in ps:
+            rgb, alpha, _ = rasterize(*(p[k] for k in RASTER_KEYS), viewmat[None], K[None], W, H, backend=self.backend)
+            out.append((rgb[0], alpha[0]))
+        return out
+
+    @torch.no_grad()
+    def frame(self, feats: torch.Tensor, t: int,            # [T, W, D] audio windows, frame index
+              viewmat: torch.Tensor, K: torch.Tensor,        # [4, 4], [3, 3]
+              expr: torch.Tensor,                            # [E]
+              background: torch.Tensor | None = None,        # [3] or [H, W, 3]
+             ) -> dict[str, torch.Tensor]:
+        "One frame: image [H, W, 3] (over `background`), head, alpha [H, W, 1], and each branch's layer and opacity."
+        h = self.head
+        self.win.copy_(feats[(self.offsets + t).clamp_(0, len(feats) - 1)])   # [S, W, D] indices made on the device: no sync
+        self.viewmat.copy_(viewmat)
+        if h.cfg.expr_dim: self.expr.copy_(expr)
+        if self.graph and self._g is None:
+            try: self._capture()
+            except Exception as e:                             # an op that cannot be captured: run eagerly, say so once
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); rendering without it")
+                self.graph, self._g = False, None
+        if self._g is not None: self._g.replay(); ps = self._out
+        else: ps = self._splats()
+        out = {}
+        for b, (rgb, alpha) in zip(h.branches, self._layers(ps, viewmat, K)):
+            out[b.name], out[b.name + "_alpha"] = rgb, alpha
+        head = fuse_face_mouth(out["face"], out["face_alpha"], out["mouth"])       # [H, W, 3]
+        A = fuse_alpha(out["face_alpha"], out["mouth_alpha"])                      # [H, W, 1]
+        img = composite_over(head, A, background) if background is not None else head
+        return out | dict(image=img.clamp(0, 1), head=head, alpha=A)
+
 
 # %% ../nbs/31_synthesize.ipynb #e5f5b8ec
 def audio_features(audio: str | Path | np.ndarray,  # audio/video file, or [S] float32 mono at meta's sample rate
@@ -107,7 +209,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         tmp_wav = Path(out).with_name(f".{Path(out).stem}.audio.wav")
         wavfile.write(tmp_wav, store.meta["sample_rate"], (np.clip(wav, -1, 1) * 32767).astype(np.int16))
         audio_path = tmp_wav
-    r = Renderer(head)
+    r = FastRenderer(head)                                                     # the same frames as `Renderer`, faster on a GPU
     t0 = time.time()
     try:
         with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:

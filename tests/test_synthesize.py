@@ -1,6 +1,6 @@
 """Tests of chapter 31 on the CPU: rendering with new audio, streaming, evaluation and the run-folder errors, on a
 briefly trained synthetic head (64x64). Quality is not the point here (tests/test_train.py checks learning)."""
-import json, subprocess
+import json, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +167,52 @@ def test_demo_command_runs_the_whole_job(trained, tmp_path):
     rep = json.loads((tmp_path / "demo" / "run" / "eval_tracked" / "report.json").read_text())
     assert rep["frames"] and np.isfinite(rep["summary"]["psnr_head"])
     assert "PSNR" in r.stdout and str(tmp_path / "demo" / "demo.mp4") in r.stdout
+
+
+def test_fast_renderer_matches_reference(trained):
+    "FastRenderer gives the reference's frames on the CPU to float rounding (same operations, no graph, no gsplat)."
+    from talkinggs.synthesize import FastRenderer
+    from talkinggs.model import model_store
+    data, run = trained
+    head, d, _ = load_run(run, "cpu")
+    store = model_store(head, d)
+    ref, fast = Renderer(head), FastRenderer(head)
+    bg = store.frame(0)["torso_bg"]
+    for i in (0, store.n // 2, store.n - 1):
+        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        for k in ("image", "alpha", "face", "mouth"):
+            assert (a[k] - b[k]).abs().max().item() < 1e-6, (i, k)
+
+
+@pytest.mark.gpu
+def test_fast_renderer_gpu(trained):
+    "On CUDA: the graph is captured, both branches go to one gsplat call, frames agree to 1e-4 (float rounding)."
+    from talkinggs.synthesize import FastRenderer
+    from talkinggs.model import model_store
+    data, run = trained
+    head, d, _ = load_run(run, "cuda")
+    store = model_store(head, d)
+    ref, fast = Renderer(head), FastRenderer(head)
+    bg = store.frame(0)["torso_bg"]
+    for i in range(0, store.n, max(1, store.n // 10)):
+        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)["image"]
+        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)["image"]
+        assert (a - b).abs().max().item() < 1e-4, i
+    assert fast._g is not None and fast.one_pass
+
+
+def test_bench_report(trained, tmp_path):
+    "bench_report writes one JSON with the machine, versions, per-stage training rates and both renderers' speed."
+    from talkinggs.bench import bench_report
+    data, _ = trained
+    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80, log_every=4)
+    rep = bench_report(data, tmp_path / "b", cfg=cfg, device="cpu", frames=3, repeats=2)
+    back = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert back["versions"]["torch"] == torch.__version__ and back["machine"].startswith("CPU")
+    assert back["train"]["stages"]["face motion"]["its"] > 0 and back["train"]["wall_s"] > 0
+    assert set(rep["infer"]) >= {"reference", "fast"} and rep["infer"]["fast"]["max_abs_diff"] < 1e-6
+    assert len(back["infer"]["reference"]["runs_ms"]) == 2
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "bench", "report", "--path", str(tmp_path / "nothing"),
+                        "--out", str(tmp_path / "c"), "--video", str(tmp_path / "missing.mp4")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
