@@ -43,6 +43,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         dict(alpha_weight=0.01)),
     Row("pose_long", "registration: stage 0 three times as long", dict(pose_iters=6000)),
     Row("static_warmup_long", "a longer static warm-up (half of each branch)", dict(warmup_frac=0.5)),
+    Row("gstalker", "the method: GSTalker's one hash-grid deformation field for the whole head (chapter 22a)",
+        dict(method="gstalker")),
+    Row("gaussiantalker", "the method: GaussianTalker's tri-plane attributes and spatial-audio attention (chapter 22b)",
+        dict(method="gaussiantalker")),
 ]}
 
 def row_config(row: Row, seed: int = 0,

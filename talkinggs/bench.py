@@ -96,7 +96,7 @@ def bench_train(data: str | Path, device: str = "auto", iters: int = 300, warmup
         out[name] = rate(lambda cb: train_branch(head, store, b, cfg, None, progress=False, callback=cb))
     print(f"training on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}: " +
           ", ".join(f"{k} {v:.1f} it/s" for k, v in out.items()) +
-          f" (face {len(head.face.splats['means']):,} / mouth {len(head.mouth.splats['means']):,} Gaussians at the end)")
+          " (" + " / ".join(f"{b.name} {len(b.splats['means']):,}" for b in head.branches) + " Gaussians at the end)")
     return out
 
 def _gpu_busy_ms(fn, n: int, device: torch.device) -> float | None:

@@ -44,6 +44,7 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
 def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str),
               out: Param("run folder to create (or continue with --resume)", str) = "run",
               preset: Param("fast or paper", str) = "fast",
+              method: Param("talkinggaussian, gstalker or gaussiantalker (chapters 22, 22a, 22b)", str) = "talkinggaussian",
               resume: Param("continue the run in OUT from its checkpoints", store_true) = False,
               parallel: Param("train face and mouth branches on two GPUs at once", store_true) = False,
               device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
@@ -55,7 +56,9 @@ def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str
     "Train a talking head on a preprocessed clip (three stages; checkpoints; --resume)."
     from talkinggs.runs import Interrupted
     from talkinggs.train import TrainConfig, train
-    cfg = TrainConfig(preset=preset, face_iters=face_iters, mouth_iters=mouth_iters, fused_iters=fused_iters,
+    from talkinggs.model import METHODS
+    if method not in METHODS: _fail("train", ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}"))
+    cfg = TrainConfig(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters, fused_iters=fused_iters,
                       ckpt_every=ckpt_every)
     try:
         t0 = time.time()

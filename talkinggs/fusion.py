@@ -9,7 +9,8 @@ from .gaussians import activate, sh_degree_of, init_from_points
 from .motion_field import MotionField
 
 # %% auto #0
-__all__ = ['fuse_face_mouth', 'fuse_alpha', 'composite_over', 'render_layer', 'render_face_mouth', 'synthetic_face_mouth']
+__all__ = ['fuse_face_mouth', 'fuse_alpha', 'composite_over', 'fuse_layers', 'render_layer', 'render_face_mouth',
+           'synthetic_face_mouth']
 
 # %% ../nbs/23_fusion.ipynb #d15a3822
 def fuse_face_mouth(face_rgb: torch.Tensor,    # [..., H, W, 3] face layer colour
@@ -33,6 +34,14 @@ def composite_over(rgb: torch.Tensor,         # [..., H, W, 3] premultiplied lay
                   ) -> torch.Tensor:          # [..., H, W, 3]
     "A premultiplied layer over a background: rgb + (1 − alpha) · background."
     return rgb + (1 - alpha) * background.to(rgb)
+
+# %% ../nbs/23_fusion.ipynb #f07034f9
+def fuse_layers(layers: list[tuple[torch.Tensor, torch.Tensor]],  # [(rgb [..., H, W, 3] premultiplied, alpha [..., H, W, 1])], front first
+               ) -> tuple[torch.Tensor, torch.Tensor]:            # fused rgb [..., H, W, 3], alpha [..., H, W, 1]
+    "Premultiplied layers composited front to back: C = C_1 + (1 − A_1)·C_2 + …, A likewise."
+    rgb, alpha = layers[0]
+    for c, a in layers[1:]: rgb, alpha = rgb + (1 - alpha) * c, alpha + (1 - alpha) * a
+    return rgb, alpha
 
 # %% ../nbs/23_fusion.ipynb #fdd6ce64
 def render_layer(splats: dict,             # stored (or deformed) Gaussian parameters

@@ -20,7 +20,9 @@ from .landmarks import INNER_LIP, MOUTH_CORNERS
 from .frames import FrameStore
 from .motion_field import MotionField, face_branch_config, mouth_branch_config, apply_deformation
 from .audio_encoder import AudioEncoder, AudioEncoderConfig, neighbour_indices
-from .fusion import fuse_face_mouth, fuse_alpha, composite_over
+from .gstalker import gstalker_motion
+from .gaussiantalker import gaussiantalker_motion
+from .fusion import fuse_layers, composite_over
 
 # %% auto #0
 __all__ = ['METHODS', 'MotionModel', 'HeadConfig', 'talkinggaussian_motion', 'Branch', 'TalkingHead', 'triangulate',
@@ -38,6 +40,7 @@ class MotionModel(Protocol):
     def inference_cache(self, means: torch.Tensor) -> dict: ...  # [N, 3] -> what depends on μ only
     def decode(self, cache: dict, audio: torch.Tensor | None, expr: torch.Tensor | None = None,
                pose: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...  # the per-frame part
+    def param_groups(self, lr_grid: float, lr_net: float) -> list[dict]: ...      # optimiser groups (grids, networks)
 
 # %% ../nbs/25_model.ipynb #6110d9f8
 @dataclass
@@ -64,7 +67,9 @@ def talkinggaussian_motion(cfg: HeadConfig, device: str | torch.device = "cpu") 
                                                       audio_dim=cfg.code_dim), device))
 
 METHODS: dict[str, Callable[[HeadConfig, str | torch.device], dict[str, MotionModel]]] = {
-    "talkinggaussian": talkinggaussian_motion,   # chapter 22; GSTalker and GaussianTalker will be registered here
+    "talkinggaussian": talkinggaussian_motion,   # chapter 22: face and inside-of-mouth fields
+    "gstalker": gstalker_motion,                 # chapter 22a: one hash-grid deformation field for the head
+    "gaussiantalker": gaussiantalker_motion,     # chapter 22b: tri-plane attributes + spatial-audio attention
 }
 
 # %% ../nbs/25_model.ipynb #c2446721
@@ -116,10 +121,14 @@ class TalkingHead(nn.Module):
         mouth = init_random(mouth_points, side=2 * cfg.mouth_bound, center=cfg.mouth_center, sh_degree=sh_degree,
                             device=device, generator=g)
         motion = METHODS[cfg.method](cfg, device)
+        if "face" not in motion or set(motion) - {"face", "mouth"}:
+            raise ValueError(f"method {cfg.method!r} must give motion models for 'face' (and optionally 'mouth'), got {sorted(motion)}")
         acfg = AudioEncoderConfig(in_dim=cfg.feat_dim, window=cfg.window, out_dim=cfg.code_dim, self_bias=4.0)
-        face_audio, mouth_audio = AudioEncoder(acfg, device), AudioEncoder(acfg, device)
-        self.face = Branch("face", face, motion["face"], face_audio, cfg.center, cfg.bound, "face_only", True)
-        self.mouth = Branch("mouth", mouth, motion["mouth"], mouth_audio, cfg.mouth_center, cfg.mouth_bound, "mouth", False)
+        # without a mouth branch the face branch is the whole head, the inside of the mouth included
+        self.face = Branch("face", face, motion["face"], AudioEncoder(acfg, device), cfg.center, cfg.bound,
+                           "face_only" if "mouth" in motion else "head", True)
+        self.mouth = Branch("mouth", mouth, motion["mouth"], AudioEncoder(acfg, device), cfg.mouth_center, cfg.mouth_bound,
+                            "mouth", False) if "mouth" in motion else None
         self.register_buffer("feat_mean", torch.zeros(cfg.feat_dim, device=device))   # [D]
         self.register_buffer("feat_std", torch.ones(cfg.feat_dim, device=device))     # [D]
         self.viewmats: torch.Tensor | None = None   # [N, 4, 4] the clip's cameras after stage 0 (None: as tracked)
@@ -128,7 +137,7 @@ class TalkingHead(nn.Module):
     def device(self) -> torch.device: return self.face.splats["means"].device
 
     @property
-    def branches(self) -> tuple[Branch, Branch]: return (self.face, self.mouth)
+    def branches(self) -> tuple[Branch, ...]: return tuple(b for b in (self.face, self.mouth) if b is not None)
 
     def branch(self, name: str) -> Branch:
         "The branch called `name` ('face' or 'mouth')."
@@ -164,7 +173,7 @@ class TalkingHead(nn.Module):
                cache: dict | None = None,                          # branch name -> `motion.inference_cache` (inference)
               ) -> dict[str, torch.Tensor]:
         "One fused frame (Eq. 9) over `background`: image, head, alpha, face/mouth layers and their Δμ (`face_delta`, ...)."
-        out = {}
+        out, layers = {}, []
         for b in self.branches:
             a = self.audio_code(b, feats, t) if motion else None
             p = b.deformed(a, expr, viewmat, None if cache is None else cache[b.name])
@@ -172,8 +181,8 @@ class TalkingHead(nn.Module):
             if delta is not None: out[b.name + "_delta"] = delta["d_means"]        # [N_b, 3]
             rgb, alpha, _ = self.render_branch(p, viewmat, K, backend=backend)
             out[b.name], out[b.name + "_alpha"] = rgb, alpha
-        head = fuse_face_mouth(out["face"], out["face_alpha"], out["mouth"])       # [H, W, 3]
-        A = fuse_alpha(out["face_alpha"], out["mouth_alpha"])                      # [H, W, 1]
+            layers.append((rgb, alpha))
+        head, A = fuse_layers(layers)                                              # [H, W, 3], [H, W, 1]: Eq. 9 with a mouth branch
         img = composite_over(head, A, background) if background is not None else head
         return out | dict(image=img.clamp(0, 1), head=head, alpha=A)
 

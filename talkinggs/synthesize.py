@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .core import psnr, get_device, camera_centers
 from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
-from .fusion import fuse_face_mouth, fuse_alpha, composite_over
+from .fusion import fuse_layers, composite_over
 from .runs import atomic_write_text, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
@@ -148,11 +148,10 @@ class FastRenderer:
                 self.graph, self._g = False, None
         if self._g is not None: self._g.replay(); ps = self._out
         else: ps = self._splats()
-        out = {}
-        for b, (rgb, alpha) in zip(h.branches, self._layers(ps, viewmat, K)):
+        out, layers = {}, self._layers(ps, viewmat, K)
+        for b, (rgb, alpha) in zip(h.branches, layers):
             out[b.name], out[b.name + "_alpha"] = rgb, alpha
-        head = fuse_face_mouth(out["face"], out["face_alpha"], out["mouth"])       # [H, W, 3]
-        A = fuse_alpha(out["face_alpha"], out["mouth_alpha"])                      # [H, W, 1]
+        head, A = fuse_layers(layers)                                              # [H, W, 3], [H, W, 1] (Eq. 9)
         img = composite_over(head, A, background) if background is not None else head
         return out | dict(image=img.clamp(0, 1), head=head, alpha=A)
 

@@ -146,7 +146,8 @@ def model_traces(head, store,                    # a trained TalkingHead and its
     idx = np.arange(store.n) if frames is None else np.asarray(frames)
     dev = head.device
     X = torch.tensor(head_geometry(store)["landmarks3d"], device=dev)          # [478, 3] canonical landmarks
-    mu_f, mu_m = head.face.splats["means"].detach(), head.mouth.splats["means"].detach()    # [Nf, 3], [Nm, 3]
+    mu_f = head.face.splats["means"].detach()                                             # [Nf, 3]
+    mu_m = head.mouth.splats["means"].detach() if head.mouth is not None else mu_f[:0]   # [Nm, 3] (none: one-branch methods)
     width = (X[MOUTH_CORNERS[0]] - X[MOUTH_CORNERS[1]]).norm()
     opaque = opacity_act(head.face.splats["opacities"].detach()) > 0.5                # [Nf]
     near = lambda ids, r: ((torch.cdist(mu_f, X[list(ids)]).min(1).values < r * width) & opaque).cpu()
@@ -165,7 +166,7 @@ def model_traces(head, store,                    # a trained TalkingHead and its
     for i in idx:
         i = int(i); fr = store.frame(i)
         o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], fr["torso_bg"])
-        d.append(torch.cat([o["face_delta"], o["mouth_delta"]]).cpu()[keep])     # [K, 3]
+        d.append(torch.cat([o["face_delta"], o.get("mouth_delta", mu_m)]).cpu()[keep])   # [K, 3]
         renders.append(_small(o["image"], size)); gts.append(_small(fr["image"], size))
     sr = int(store.meta["sample_rate"])
     wave = load_audio(store.root / "audio.wav", sr)                            # [S] float32 mono (chapter 12)

@@ -16,7 +16,7 @@ from .runs import (atomic_save, atomic_write_text, load_checkpoint, remove_parti
                             save_on_stop, MetricsLog, plot_metrics, versions, data_checksum)
 from .gaussians import rgb_to_sh0, opacity_inv, sh_degree_of
 from .static_fit import ssim, StaticFitConfig, make_optimizers, make_strategy
-from .fusion import fuse_face_mouth, fuse_alpha, composite_over
+from .fusion import fuse_layers, composite_over
 from .sampling import WindowRule, IncrementalSampler
 from .masks import MOUTH
 from .lip_term import lip_landmark_targets, lip_landmark_loss
@@ -387,13 +387,13 @@ def train_fused(head: TalkingHead, store: FrameStore, cfg: TrainConfig, run_dir:
                 fr = store.frame(j)
                 with torch.no_grad():                                                  # geometry is fixed in stage 3
                     deformed = {b.name: b.deformed(head.audio_code(b, store.audio, j), store.e[j], store.viewmats[j]) for b in head.branches}
-                layers = {}
+                layers = []
                 for b in head.branches:
                     d = {k: v for k, v in deformed[b.name].items() if k != "_delta"}
-                    d["sh0"], d["shN"] = b.splats["sh0"], b.splats["shN"]              # colours keep their gradients
-                    layers[b.name] = head.render_branch(d, store.viewmats[j], store.Ks[j], backend=cfg.backend)[:2]
-                headrgb = fuse_face_mouth(layers["face"][0], layers["face"][1], layers["mouth"][0])
-                A = fuse_alpha(layers["face"][1], layers["mouth"][1])
+                    d["sh0"] = b.splats["sh0"] + deformed[b.name]["_delta"].get("d_sh0", 0)   # colours keep their gradients
+                    d["shN"] = b.splats["shN"]                                   # (a method's ΔSH stays applied)
+                    layers.append(head.render_branch(d, store.viewmats[j], store.Ks[j], backend=cfg.backend)[:2])
+                headrgb, A = fuse_layers(layers)                                 # Eq. 9 with a mouth branch
                 img = composite_over(headrgb, A, fr["torso_bg"])                       # [H, W, 3]
                 loss = (img - fr["image"]).abs().mean() + cfg.ssim_lambda * (1 - ssim(img, fr["image"]))
                 if lp is not None: loss = loss + cfg.lpips_gamma * lp(img, fr["image"])
@@ -436,7 +436,7 @@ def _start_run(data: Path, out: Path, cfg: TrainConfig, device: torch.device, re
                     device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     created=time.strftime("%Y-%m-%d %H:%M:%S"))
         seed_everything(cfg.seed)
-        head = head_from_store(store, cfg.sh_degree, cfg.face_points, cfg.mouth_points, cfg.seed,
+        head = head_from_store(store, cfg.sh_degree, cfg.face_points, cfg.mouth_points, cfg.seed, method=cfg.method,
                                pose_dim=POSE_DIM if cfg.pose_cond else 0)
         if cfg.pose_refine: head.viewmats = refine_poses(head, store, cfg, out, progress)   # stage 0
         atomic_save(head_state(head), out / "init.pt")

@@ -1,0 +1,66 @@
+"""GSTalker and GaussianTalker (chapters 22a, 22b) in the method slot: each trains, renders and evaluates through the
+same functions and command line as TalkingGaussian, on the committed synthetic head at 64x64 on the CPU.
+Quality is not the point here (a few iterations); the GPU comparison of the three methods is the results chapter's."""
+import json, subprocess, sys
+
+import pytest
+import torch
+
+from talkinggs.data import repo_root
+from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.train import cpu_demo_train_config, train
+from talkinggs.model import load_head, model_store, METHODS
+from talkinggs.synthesize import Renderer, FastRenderer, evaluate, render_video
+
+HEAD = repo_root() / "data_samples" / "synthetic_head"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return preprocess(HEAD / "video.mp4", tmp_path_factory.mktemp("methods") / "clip64",
+                      cfg=PreprocessConfig(size=64), progress=False)
+
+
+@pytest.mark.parametrize("method", ["gstalker", "gaussiantalker"])
+def test_method_trains_renders_evaluates(clip, tmp_path, method):
+    run = tmp_path / method
+    cfg = cpu_demo_train_config(method=method, face_iters=40, fused_iters=4, face_points=300, log_every=5)
+    train(clip, run, cfg, device="cpu", progress=False)
+    head = load_head(run / "model.pt")
+    assert head.cfg.method == method and [b.name for b in head.branches] == ["face"] and head.face.mask == "head"
+    assert json.loads((run / "config.json").read_text())["train"]["method"] == method
+    store = model_store(head, clip)
+    ref, fast = Renderer(head), FastRenderer(head)
+    bg = store.frame(0)["torso_bg"]
+    for i in (0, store.n - 1):
+        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        assert (a["image"] - b["image"]).abs().max() < 1e-6 and "mouth" not in a
+    rep = evaluate(run, device="cpu", video=False, progress=False)
+    assert rep["summary"]["psnr_head"] > 5 and (run / "eval" / "report.json").exists()
+    out = render_video(run, tmp_path / f"{method}.mp4", device="cpu", max_frames=3, progress=False)
+    assert out["frames"] == 3 and (tmp_path / f"{method}.mp4").stat().st_size > 0
+    from talkinggs.traces import model_traces                       # the trace explorer's data: what the method moves
+    tr = model_traces(head, store, frames=[0, 1, 2], size=32, n_other=50)
+    assert tr.d_means.shape[:2] == (3, len(tr.means)) and (tr.branch == 0).all() and tr.regions["teeth"].sum() == 0
+
+
+def test_gaussiantalker_moves_colour_and_opacity(clip, tmp_path):
+    "The one method whose motion changes SH colour and opacity: after training those offsets are not zero."
+    run = tmp_path / "gt"
+    train(clip, run, cpu_demo_train_config(method="gaussiantalker", face_iters=40, fused_iters=0, face_points=300),
+          device="cpu", progress=False)
+    head = load_head(run / "model.pt")
+    store = model_store(head, clip)
+    with torch.no_grad():
+        d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.e[5], store.viewmats[5])
+    assert d["d_sh0"].abs().max() > 0 and d["d_opacities"].abs().max() > 0
+
+
+def test_cli_method(clip, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "train", str(clip), "--out", str(tmp_path / "r"),
+                        "--method", "nerf", "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+    assert set(METHODS) == {"talkinggaussian", "gstalker", "gaussiantalker"}
