@@ -16,8 +16,8 @@ from .train import TrainConfig, train
 from .synthesize import evaluate
 
 # %% auto #0
-__all__ = ['ROWS', 'TABLE_COLUMNS', 'Row', 'row_config', 'run_row', 'ablate', 'ablation_table', 'read_rows', 'write_table',
-           'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'ablate', 'ablation_table',
+           'read_rows', 'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -47,7 +47,21 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         dict(method="gstalker")),
     Row("gaussiantalker", "the method: GaussianTalker's tri-plane attributes and spatial-audio attention (chapter 22b)",
         dict(method="gaussiantalker")),
+    Row("table4_appearance", "TalkingGaussian Table 4: the face field changes colour and opacity instead of moving Gaussians",
+        dict(method="talkinggaussian_appearance")),
+    Row("table4_one_field", "TalkingGaussian Table 4: no face-mouth decomposition, one field moves the whole head",
+        dict(method="talkinggaussian_one_field")),
+    Row("table4_no_is", "TalkingGaussian Table 4: no incremental sampling, frames drawn uniformly", dict(incremental_sampling=False)),
 ]}
+
+ROW_GROUPS = {   # a name that stands for several rows
+    "table4": ["baseline", "table4_appearance", "table4_one_field", "table4_no_is"],   # TalkingGaussian's ablation (Table 4)
+    "methods": ["baseline", "gstalker", "gaussiantalker"],                            # the three methods side by side
+}
+
+def expand_rows(rows: list[str]) -> list[str]:
+    "Row names with groups (`ROW_GROUPS`) replaced by their rows, each row once, in order."
+    return list(dict.fromkeys(r for name in rows for r in ROW_GROUPS.get(name, [name])))
 
 def row_config(row: Row, seed: int = 0,
                base: dict | None = None,   # fields set for every row (e.g. short CPU runs), before the row's own
@@ -114,7 +128,7 @@ def ablate(data: str | Path, out: str | Path,
            base: dict | None = None,          # fields set for every row
            train_frames: int = 60) -> list[dict]:
     "Run every (row, seed) with one worker per device; write row JSONs, ablation.json and ablation.md; the rows."
-    rows = list(ROWS) if rows is None else list(rows)
+    rows = list(ROWS) if rows is None else expand_rows(rows)
     unknown = [r for r in rows if r not in ROWS]
     if unknown: raise ValueError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
     if not (Path(data) / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json)")

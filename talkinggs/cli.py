@@ -190,15 +190,16 @@ def demo_cli(out: Param("folder for the data, the run, the video and the report"
 @call_parse
 def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str, nargs="?"),
                out: Param("ablation folder: a run folder and row.json per row and seed, ablation.md/.json", str) = "ablation",
-               rows: Param("comma-separated row names (default: all; see --list)", str) = None,
+               rows: Param("comma-separated row names or groups: table4, methods (default: all; see --list_rows)", str) = None,
                seeds: Param("comma-separated seeds", str) = "0",
                devices: Param("comma-separated devices (default: every visible GPU, else the CPU)", str) = None,
                lip: Param("only fill in LMD and mouth-opening correlation from the saved renders", store_true) = False,
                list_rows: Param("print the rows and what each tests", store_true) = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
-    from talkinggs.ablation import ROWS, ablate, fill_lip_metrics
+    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics
     if list_rows:
         for r in ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
+        for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
         return
     try:
         if lip: fill_lip_metrics(out, data)

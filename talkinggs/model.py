@@ -18,15 +18,17 @@ from .gaussians import init_random, activate, sh_degree_of
 from .rasterize import rasterize
 from .landmarks import INNER_LIP, MOUTH_CORNERS
 from .frames import FrameStore
-from .motion_field import MotionField, face_branch_config, mouth_branch_config, apply_deformation
+from .motion_field import (MotionField, face_branch_config, mouth_branch_config, single_branch_config, appearance_config,
+                                   apply_deformation)
 from .audio_encoder import AudioEncoder, AudioEncoderConfig, neighbour_indices
 from .gstalker import gstalker_motion
 from .gaussiantalker import gaussiantalker_motion
 from .fusion import fuse_layers, composite_over
 
 # %% auto #0
-__all__ = ['METHODS', 'MotionModel', 'HeadConfig', 'talkinggaussian_motion', 'Branch', 'TalkingHead', 'triangulate',
-           'head_geometry', 'head_from_store', 'head_state', 'set_splats', 'load_head', 'model_store']
+__all__ = ['METHODS', 'MotionModel', 'HeadConfig', 'talkinggaussian_motion', 'one_field_motion', 'appearance_motion', 'Branch',
+           'TalkingHead', 'triangulate', 'head_geometry', 'head_from_store', 'head_state', 'set_splats', 'load_head',
+           'model_store']
 
 # %% ../nbs/25_model.ipynb #5fa1e5d5
 @runtime_checkable
@@ -66,13 +68,29 @@ def talkinggaussian_motion(cfg: HeadConfig, device: str | torch.device = "cpu") 
                 mouth=MotionField(mouth_branch_config(bound=cfg.mouth_bound, center=cfg.mouth_center,
                                                       audio_dim=cfg.code_dim), device))
 
+def one_field_motion(cfg: HeadConfig, device: str | torch.device = "cpu") -> dict[str, MotionModel]:
+    "TalkingGaussian without face–mouth decomposition (Table 4): one face-style field moves the whole head."
+    return dict(face=MotionField(single_branch_config(bound=cfg.bound, center=cfg.center, audio_dim=cfg.code_dim,
+                                                      expr_dim=cfg.expr_dim, pose_dim=cfg.pose_dim), device))
+
+def appearance_motion(cfg: HeadConfig, device: str | torch.device = "cpu") -> dict[str, MotionModel]:
+    "TalkingGaussian with appearance modification instead of deformation (Table 4): the face field changes colour and opacity."
+    return talkinggaussian_motion(cfg, device) | dict(face=MotionField(appearance_config(
+        bound=cfg.bound, center=cfg.center, audio_dim=cfg.code_dim, expr_dim=cfg.expr_dim, pose_dim=cfg.pose_dim), device))
+
 METHODS: dict[str, Callable[[HeadConfig, str | torch.device], dict[str, MotionModel]]] = {
     "talkinggaussian": talkinggaussian_motion,   # chapter 22: face and inside-of-mouth fields
+    "talkinggaussian_one_field": one_field_motion,      # Table 4 ablation: no face-mouth decomposition
+    "talkinggaussian_appearance": appearance_motion,    # Table 4 ablation: appearance modification, not deformation
     "gstalker": gstalker_motion,                 # chapter 22a: one hash-grid deformation field for the head
     "gaussiantalker": gaussiantalker_motion,     # chapter 22b: tri-plane attributes + spatial-audio attention
 }
 
 # %% ../nbs/25_model.ipynb #c2446721
+def _moved(delta: dict, means: torch.Tensor) -> dict:  # means [N, 3]
+    "A model that changes only appearance (Table 4's appearance modification) moves the centres by zero."
+    return delta if "d_means" in delta else delta | {"d_means": torch.zeros_like(means)}
+
 class Branch(nn.Module):
     "One set of persistent Gaussians with the motion model and audio encoder that move it."
     def __init__(self, name: str,                  # "face" | "mouth"
@@ -96,10 +114,11 @@ class Branch(nn.Module):
         s = self.splats
         if audio is None: return dict(s.items())
         e = expr if self.uses_expr else None
-        if cache is not None: return apply_deformation(s, delta := self.motion.decode(cache, audio, e, pose)) | {"_delta": delta}
-        if extra is None: return apply_deformation(s, delta := self.motion(s["means"], audio, e, pose)) | {"_delta": delta}
+        if cache is not None: return apply_deformation(s, delta := _moved(self.motion.decode(cache, audio, e, pose), s["means"])) | {"_delta": delta}
+        if extra is None: return apply_deformation(s, delta := _moved(self.motion(s["means"], audio, e, pose), s["means"])) | {"_delta": delta}
         n = len(s["means"])   # one evaluation for the Gaussians and the extra points: half the kernel launches of two
-        delta = self.motion(torch.cat([s["means"], extra]), audio, e, pose)                 # each [N + M, ...]
+        pts = torch.cat([s["means"], extra])                                               # [N + M, 3]
+        delta = _moved(self.motion(pts, audio, e, pose), pts)                               # each [N + M, ...]
         moved = delta["d_means"][n:]                                                       # [M, 3]
         delta = {k: v[:n] for k, v in delta.items()}
         return apply_deformation(s, delta) | {"_delta": delta, "_extra": moved}

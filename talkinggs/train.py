@@ -200,7 +200,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
     ckpt = run_dir / f"{branch}.ckpt.pt" if run_dir is not None else None
     seed_everything(cfg.seed + rules.seed_offset)
     frames, metrics = rules.frames(store)                                        # what it learns from, sampler metrics
-    sampler = IncrementalSampler(metrics, rules.windows(iters, warmup, cfg), seed=cfg.seed)
+    sampler = IncrementalSampler(metrics, rules.windows(iters, warmup, cfg) if cfg.incremental_sampling else [], seed=cfg.seed)
     scene_scale = _scene_scale(store, int(frames[0]), torch.tensor(head.cfg.center, device=dev))
     rules.prepare(head, store, cfg)
     splats = b.splats

@@ -26,6 +26,7 @@ class TrainConfig:
     pose_lr: float = 2e-4            # Adam lr of the corrections: radians, and head-box half-sides for translation (ours)
     pose_start: float = 0.1          # share of stage 0 fitting the throwaway head before the poses move (ours)
     pose_joint: bool = False         # the face branch keeps correcting the training cameras (camera optimisation of gsplat's simple trainer; ours here)
+    incremental_sampling: bool = True  # Eq. 6 windows (False: uniform frame sampling, TalkingGaussian Table 4's "w/o IS")
     method: str = "talkinggaussian"  # motion models and branches: talkinggaussian | gstalker | gaussiantalker (chapters 22, 22a, 22b)
     pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker conditions on the viewpoint)
     sh_degree: int = 3               # highest SH degree (3DGS: 3)

@@ -57,3 +57,11 @@ def test_cli_refuses_bad_rows_and_missing_data_without_writing(tmp_path):
     assert r.returncode == 2 and "unknown rows ['nope']" in r.stderr and not (tmp_path / "abl").exists()
     r = run("--list_rows")
     assert r.returncode == 0 and all(name in r.stdout for name in ROWS)
+
+
+def test_table4_rows_train_on_the_cpu(clip, tmp_path):
+    "TalkingGaussian's Table 4 variants (appearance modification, one field, no incremental sampling) as ablation rows."
+    res = ablate(clip, tmp_path / "t4", rows=["table4_appearance", "table4_one_field"], devices=["cpu"], base=TINY, train_frames=4)
+    assert [r["config"]["method"] for r in res] == ["talkinggaussian_appearance", "talkinggaussian_one_field"]
+    assert all(r["test"]["psnr_head"] > 5 for r in res)
+    assert row_config(ROWS["table4_no_is"]).incremental_sampling is False
