@@ -10,7 +10,7 @@ from fastcore.script import anno_parser, call_parse, Param, store_true
 
 # %% auto #0
 __all__ = ['COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli', 'ablate_cli',
-           'main']
+           'study_cli', 'main']
 
 # %% ../nbs/99_cli.ipynb #2176eff0
 def _fail(cmd: str, e: Exception):
@@ -210,6 +210,39 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
 
+# %% ../nbs/99_cli.ipynb #26aec522
+@call_parse
+def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or fewshot (10 / 15 / 20 s of one video)", str),
+              source: Param("ablation: a preprocessed clip; fewshot: a video or a preprocessed clip", str, nargs="?"),
+              out: Param("study folder", str) = "study",
+              rows: Param("rows or groups (chapter 33; default: table4 for ablation, methods for fewshot)", str) = "",
+              seeds: Param("comma-separated seeds", str) = "0",
+              devices: Param("comma-separated devices (default: every visible GPU, else the CPU)", str) = None,
+              lengths: Param("fewshot: training lengths in seconds", str) = "10,15,20",
+              test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
+              lip: Param("only fill in LMD from the saved renders and rewrite the tables", store_true) = False):
+    "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
+    from talkinggs.ablation import ablate, fill_lip_metrics, write_table
+    from talkinggs.studies import fewshot, write_fewshot
+    sd, devs = tuple(int(s) for s in seeds.split(",")), devices.split(",") if devices else None
+    try:
+        if what == "ablation":
+            rws = rows.split(",") if rows else ["table4"]
+            if lip: fill_lip_metrics(out, source); write_table(out)
+            else:
+                if source is None: raise ValueError("give the preprocessed clip the rows train on")
+                ablate(source, out, rws, sd, devs)
+            print(Path(out, "ablation.md").read_text())
+        elif what == "fewshot":
+            if lip: write_fewshot(out, lip=True)
+            else:
+                if source is None: raise ValueError("give the video (or preprocessed clip) of the study")
+                fewshot(source, out, tuple(float(x) for x in lengths.split(",")), test_seconds,
+                        rows.split(",") if rows else ["methods"], sd, devs)
+            print(Path(out, "fewshot.md").read_text())
+        else: raise ValueError(f"unknown study {what!r}: use ablation or fewshot")
+    except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("study", e)
+
 # %% ../nbs/99_cli.ipynb #461799be
 COMMANDS = {  # sub-command -> (function, one-line help)
     "preprocess": (preprocess_cli, "video -> training folder: `talkinggs preprocess VIDEO --out DIR`"),
@@ -218,6 +251,7 @@ COMMANDS = {  # sub-command -> (function, one-line help)
     "eval": (eval_cli, "self-driven metrics on the test split: `talkinggs eval RUN`"),
     "bench": (bench_cli, "benchmarks: `talkinggs bench render|motion|train|infer`"),
     "ablate": (ablate_cli, "ablation rows, one per GPU: `talkinggs ablate DATA --rows baseline,random_bg --seeds 0,1,2`"),
+    "study": (study_cli, "studies: `talkinggs study ablation DATA` (Table 4), `talkinggs study fewshot VIDEO` (10/15/20 s)"),
     "demo": (demo_cli, "the whole job on the bundled synthetic head, on a CPU: `talkinggs demo --out DIR`"),
 }
 
