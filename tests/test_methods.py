@@ -44,18 +44,10 @@ def test_method_trains_renders_evaluates(clip, tmp_path, method):
     from talkinggs.traces import model_traces                       # the trace explorer's data: what the method moves
     tr = model_traces(head, store, frames=[0, 1, 2], size=32, n_other=50)
     assert tr.d_means.shape[:2] == (3, len(tr.means)) and (tr.branch == 0).all() and tr.regions["teeth"].sum() == 0
-
-
-def test_gaussiantalker_moves_colour_and_opacity(clip, tmp_path):
-    "The one method whose motion changes SH colour and opacity: after training those offsets are not zero."
-    run = tmp_path / "gt"
-    train(clip, run, cpu_demo_train_config(method="gaussiantalker", face_iters=40, fused_iters=0, face_points=300),
-          device="cpu", progress=False)
-    head = load_head(run / "model.pt")
-    store = model_store(head, clip)
-    with torch.no_grad():
-        d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.e[5], store.viewmats[5])
-    assert d["d_sh0"].abs().max() > 0 and d["d_opacities"].abs().max() > 0
+    if method == "gaussiantalker":                                   # the one method whose motion changes colour and opacity
+        with torch.no_grad():
+            d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.e[5], store.viewmats[5])
+        assert d["d_sh0"].abs().max() > 0 and d["d_opacities"].abs().max() > 0
 
 
 def test_cli_method(clip, tmp_path):
@@ -63,4 +55,4 @@ def test_cli_method(clip, tmp_path):
                         "--method", "nerf", "--device", "cpu", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
-    assert set(METHODS) == {"talkinggaussian", "gstalker", "gaussiantalker"}
+    assert {"talkinggaussian", "gstalker", "gaussiantalker"} <= set(METHODS)

@@ -1,6 +1,5 @@
 """Tests of the studies chapter (34) at tiny size on the synthetic head (CPU, 64x64): the few-shot study with two
-rows (two training lengths for the split), and the `talkinggs study` command around it (TalkingGaussian's Table 4 rows train in
-tests/test_ablation.py)."""
+rows (TalkingGaussian's Table 4 variants; two training lengths for the split) and the `talkinggs study` command around it."""
 import json, subprocess, sys
 
 import numpy as np
@@ -25,20 +24,21 @@ def test_fewshot_two_rows_two_lengths_and_the_command(tmp_path):
     clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
                       cfg=PreprocessConfig(size=64), progress=False)
     out = tmp_path / "fs"
-    res = fewshot(clip, out, lengths=(1,), test_seconds=1, rows=["baseline", "gstalker"], devices=["cpu"], base=TINY,
+    res = fewshot(clip, out, lengths=(1,), test_seconds=1, rows=["table4_appearance", "table4_one_field"], devices=["cpu"], base=TINY,
                   train_frames=4)                                                  # two rows, one length: CI time
-    assert [(r["train_seconds_clip"], r["row"]) for r in res] == [(1, "baseline"), (1, "gstalker")]
+    assert [(r["train_seconds_clip"], r["row"]) for r in res] == [(1, "table4_appearance"), (1, "table4_one_field")]
+    assert [r["config"]["method"] for r in res] == ["talkinggaussian_appearance", "talkinggaussian_one_field"]
     fewshot_split(clip, out / "data_2s", 2, 1)                                     # a second length: the same tail
     a, b = FrameStore(out / "data_1s", "cpu", progress=False), FrameStore(out / "data_2s", "cpu", progress=False)
     assert len(a.train_idx) == 25 and len(b.train_idx) == 50                       # the first 1 s and 2 s at 25 fps
     assert np.array_equal(a.test_idx, b.test_idx) and len(a.test_idx) == 25 and a.test_idx[0] >= 50   # one unseen tail
     assert all(r["test"]["frames"] == 25 for r in res)
     saved = json.loads((out / "fewshot.json").read_text())
-    assert saved["rows"] == ["baseline", "gstalker"] and len(saved["results"]) == 2
+    assert saved["rows"] == ["table4_appearance", "table4_one_field"] and len(saved["results"]) == 2
     assert "| train s | row | seed | PSNR | SSIM face | LPIPS | LMD | head PSNR | LMD centred |" in (out / "fewshot.md").read_text()
     assert (out / "fewshot.png").stat().st_size > 0
     r = cli("ablation", str(out / "data_1s"), "--out", str(out / "1s"), "--lip", cwd=tmp_path)   # an ablation folder
-    assert r.returncode == 0 and "gstalker" in r.stdout, r.stderr[-500:]
+    assert r.returncode == 0 and "table4_one_field" in r.stdout, r.stderr[-500:]
     with pytest.raises(ValueError, match="need 9 s"):
         fewshot(clip, tmp_path / "long", lengths=(7,), test_seconds=2, devices=["cpu"], base=TINY)
     r = cli("fewshot", str(tmp_path / "missing.mp4"), "--out", "x", cwd=tmp_path)
