@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_bench.ipynb #131a2daf
 from __future__ import annotations
-import csv, json, platform, resource, statistics, subprocess, time
+import csv, json, os, platform, resource, statistics, subprocess, time
 from pathlib import Path
 from typing import Sequence
 import torch
@@ -17,7 +17,8 @@ from .train import TrainConfig, train_branch
 from .synthesize import load_run, Renderer
 
 # %% auto #0
-__all__ = ['machine_name', 'bench_scene', 'bench_render', 'bench_train', 'bench_infer', 'versions', 'train_rates', 'bench_report']
+__all__ = ['machine_name', 'bench_scene', 'bench_render', 'bench_train', 'bench_infer', 'checkout_commit', 'train_rates',
+           'bench_report']
 
 # %% ../nbs/90_bench.ipynb #90bf14c5
 def machine_name(device: torch.device) -> str:
@@ -154,22 +155,15 @@ def bench_infer(run: str | Path, device: str = "auto",
 
 
 # %% ../nbs/90_bench.ipynb #afc47343
-def versions() -> dict:
-    "Versions of what the numbers depend on, and the git commit of the package when it runs from a checkout."
-    from importlib.metadata import version, PackageNotFoundError
-    def v(name):
-        try: return version(name)
-        except PackageNotFoundError: return None
-    root, commit = Path(__file__).resolve().parent.parent, None
-    if (root / ".git").exists():                       # a checkout itself (a copied package inside another checkout is not)
-        try:
-            git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10).stdout.strip()
-            commit = (git("rev-parse", "--short", "HEAD") or None)
-            if commit and git("status", "--porcelain", "--untracked-files=no"): commit += "+changes"   # uncommitted edits
-        except Exception: pass
-    import talkinggs
-    return dict(talkinggs=talkinggs.__version__, commit=commit, python=platform.python_version(), torch=torch.__version__,
-                cuda=torch.version.cuda, gsplat=v("gsplat"), mediapipe=v("mediapipe"), numpy=v("numpy"))
+def checkout_commit() -> str | None:
+    "The git commit of the package when it runs from a checkout (`+changes` with uncommitted edits), else None."
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists(): return None       # a copied package inside another checkout is not a checkout
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD") or None
+        return commit + "+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else commit
+    except Exception: return None
 
 def train_rates(run: str | Path) -> dict[str, dict]:
     "Iterations per second of each stage of a finished run (static and motion parts of a branch apart), from metrics.csv."
@@ -200,11 +194,11 @@ def bench_report(data: str | Path,                 # a preprocessed clip (traine
                  cfg: TrainConfig | None = None,   # train with this instead of the preset (the tests' CPU settings)
                 ) -> dict:
     "Preprocessing, training and inference speed on this machine, written to out/bench.json and returned."
-    from talkinggs.runs import atomic_write_text
+    from talkinggs.runs import atomic_write_text, versions
     from talkinggs import train as train_mod
     out, data, dev = Path(out), Path(data), get_device(device)
     out.mkdir(parents=True, exist_ok=True)
-    rep = dict(machine=machine_name(dev), cpu_count=__import__("os").cpu_count(), versions=versions(),
+    rep = dict(machine=machine_name(dev), cpu_count=os.cpu_count(), versions=versions("gsplat") | dict(commit=checkout_commit()),
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if video is not None:
         from talkinggs.dataset import preprocess

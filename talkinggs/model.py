@@ -114,14 +114,13 @@ class Branch(nn.Module):
         s = self.splats
         if audio is None: return dict(s.items())
         e = expr if self.uses_expr else None
-        if cache is not None: return apply_deformation(s, delta := _moved(self.motion.decode(cache, audio, e, pose), s["means"])) | {"_delta": delta}
-        if extra is None: return apply_deformation(s, delta := _moved(self.motion(s["means"], audio, e, pose), s["means"])) | {"_delta": delta}
-        n = len(s["means"])   # one evaluation for the Gaussians and the extra points: half the kernel launches of two
-        pts = torch.cat([s["means"], extra])                                               # [N + M, 3]
-        delta = _moved(self.motion(pts, audio, e, pose), pts)                               # each [N + M, ...]
-        moved = delta["d_means"][n:]                                                       # [M, 3]
-        delta = {k: v[:n] for k, v in delta.items()}
-        return apply_deformation(s, delta) | {"_delta": delta, "_extra": moved}
+        if cache is not None and extra is not None: raise ValueError("`extra` points need the direct path (no cache)")
+        n = len(s["means"])   # the extra points go through the same call as the Gaussians: half the kernel launches of two
+        pts = s["means"] if extra is None else torch.cat([s["means"], extra])             # [N (+ M), 3]
+        delta = _moved(self.motion.decode(cache, audio, e, pose) if cache is not None else self.motion(pts, audio, e, pose), pts)
+        out = {} if extra is None else {"_extra": delta["d_means"][n:]}                    # [M, 3]
+        if extra is not None: delta = {k: v[:n] for k, v in delta.items()}
+        return apply_deformation(s, delta) | {"_delta": delta} | out
 
 # %% ../nbs/25_model.ipynb #4e97f613
 class TalkingHead(nn.Module):
@@ -201,9 +200,16 @@ class TalkingHead(nn.Module):
             rgb, alpha, _ = self.render_branch(p, viewmat, K, backend=backend)
             out[b.name], out[b.name + "_alpha"] = rgb, alpha
             layers.append((rgb, alpha))
-        head, A = fuse_layers(layers)                                              # [H, W, 3], [H, W, 1]: Eq. 9 with a mouth branch
+        return out | self.composite(layers, background)
+
+    @staticmethod
+    def composite(layers: list[tuple[torch.Tensor, torch.Tensor]],  # each branch's (rgb [H, W, 3] premultiplied, alpha [H, W, 1]), front first
+                  background: torch.Tensor | None = None,            # [3] or [H, W, 3]
+                 ) -> dict[str, torch.Tensor]:
+        "The branches fused (Eq. 9 with a mouth branch) and put over the background: image, head, alpha."
+        head, A = fuse_layers(layers)                                              # [H, W, 3], [H, W, 1]
         img = composite_over(head, A, background) if background is not None else head
-        return out | dict(image=img.clamp(0, 1), head=head, alpha=A)
+        return dict(image=img.clamp(0, 1), head=head, alpha=A)
 
 # %% ../nbs/25_model.ipynb #7bac81eb
 def triangulate(uv: np.ndarray,   # [F, L, 2] pixel positions of L points in F frames

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from .core import psnr, get_device, camera_centers
 from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
-from .fusion import fuse_layers, composite_over
 from .runs import atomic_write_text, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
@@ -76,7 +75,7 @@ class FastRenderer:
         self.cache = {b.name: b.motion.inference_cache(b.splats["means"]) for b in head.branches}   # H(μ) [N_b, 3LF], ...
         self.offsets = torch.arange(self.smooth, device=dev) - self.smooth // 2   # [S] neighbour offsets (as neighbour_indices)
         self.win = torch.zeros(self.smooth, c.window, c.feat_dim, device=dev)     # [S, W, D] the frame's neighbour windows
-        self.expr = torch.zeros(max(c.expr_dim, 1), device=dev)[:c.expr_dim]     # [E]
+        self.expr = torch.zeros(c.expr_dim, device=dev)                           # [E]
         self.viewmat = torch.eye(4, device=dev)                                   # [4, 4]
         if self.one_pass:   # [B, N_max, ...] per branch; rows past a branch's own count are invisible (opacity 0: culled)
             B, n = len(head.branches), max(len(b.splats["means"]) for b in head.branches)
@@ -151,9 +150,7 @@ class FastRenderer:
         out, layers = {}, self._layers(ps, viewmat, K)
         for b, (rgb, alpha) in zip(h.branches, layers):
             out[b.name], out[b.name + "_alpha"] = rgb, alpha
-        head, A = fuse_layers(layers)                                              # [H, W, 3], [H, W, 1] (Eq. 9)
-        img = composite_over(head, A, background) if background is not None else head
-        return out | dict(image=img.clamp(0, 1), head=head, alpha=A)
+        return out | h.composite(layers, background)                             # as `TalkingHead.render`
 
 
 # %% ../nbs/31_synthesize.ipynb #e5f5b8ec
