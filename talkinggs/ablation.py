@@ -16,8 +16,8 @@ from .train import TrainConfig, train
 from .synthesize import evaluate
 
 # %% auto #0
-__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'ablate', 'ablation_table',
-           'read_rows', 'write_table', 'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'parse_changes', 'check_rows',
+           'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -82,8 +82,9 @@ def run_row(data: str | Path,          # preprocessed clip
             device: str = "auto",
             base: dict | None = None,   # fields set for every row (see `row_config`)
             train_frames: int = 60,     # training frames evaluated (evenly spaced)
+            static: bool = True,        # also evaluate the test frames with the motion fields off
             progress: bool = False) -> dict:
-    "Train one row, evaluate it on test and training frames, write out/<row>_s<seed>/row.json (atomic); its dict."
+    "Train one row, evaluate it on test (moving and static) and training frames, write out/<row>_s<seed>/row.json (atomic); its dict."
     folder = Path(out) / f"{row.name}_s{seed}"
     if (folder / "row.json").is_file(): return json.loads((folder / "row.json").read_text())   # done before
     cfg, dev = row_config(row, seed, base), get_device(device)
@@ -92,20 +93,22 @@ def run_row(data: str | Path,          # preprocessed clip
     seconds = time.time() - t0
     test = evaluate(folder / "run", device=dev, video=False, progress=False)
     tr = evaluate(folder / "run", device=dev, video=False, progress=False, split="train", train_frames=train_frames)
+    still = evaluate(folder / "run", device=dev, video=False, progress=False, static=True) if static else None
     res = dict(row=row.name, seed=seed, cause=row.cause, changes=row.changes, base=base or {}, data=str(Path(data).resolve()),
                train_seconds=round(seconds, 1), test=_summary(test), train=_summary(tr), config=asdict(cfg),
+               **({"test_static": _summary(still)} if still else {}),
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", versions=versions("gsplat"),
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
     atomic_write_text(json.dumps(res, indent=1, default=float), folder / "row.json")
     return res
 
 # %% ../nbs/33_ablation.ipynb #0000000c
-def _worker(jobs, data, out, device, base, train_frames):
-    "One device: take (row name, seed) jobs from the queue until it is empty."
+def _worker(jobs, device, base, train_frames):
+    "One device: take (data, out, row name, seed) jobs from the queue until it is empty."
     import queue, traceback
     if device.startswith("cuda"): torch.cuda.set_device(device)
     while True:
-        try: name, seed = jobs.get(timeout=2)    # (a queue's put reaches other processes a moment later)
+        try: data, out, name, seed = jobs.get(timeout=2)    # (a queue's put reaches other processes a moment later)
         except queue.Empty: return
         try: run_row(data, out, ROWS[name], seed, device, base, train_frames)
         except Exception:
@@ -121,36 +124,67 @@ def _build_gsplat(devices: list[str]) -> None:
     rasterize(one(1, 3) * torch.tensor([0, 0, 2.0], device=d), one(1, 4), one(1, 3) * 0.1, one(1), one(1, 3),
               torch.eye(4, device=d)[None], K, 8, 8, backend="gsplat")
 
+def parse_changes(text: str | None) -> dict:
+    "TrainConfig fields from 'name=value,name=value' (the CLI's --config), each value converted to its field's type."
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in kinds: raise ValueError(f"--config takes name=value pairs of TrainConfig fields, got {item!r}")
+        kind = str(kinds[name])
+        try:
+            if kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0"): raise ValueError
+                out[name] = value.lower() in ("true", "1")
+            elif value.lower() == "none" and "None" in kind: out[name] = None
+            else: out[name] = int(value) if kind == "int" else float(value) if kind.startswith("float") else value
+        except ValueError: raise ValueError(f"--config {name}: {value!r} is not of type {kind}") from None
+    return out
+
+def check_rows(rows: list[str] | None) -> list[str]:
+    "Row names with groups expanded (all rows for None); unknown names refused."
+    rows = list(ROWS) if rows is None else expand_rows(rows)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown: raise ValueError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
+    return rows
+
+def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder, row name, seed) each
+             devices: list[str] | None = None,   # one worker each (a device named twice: two); default every GPU, else ["cpu"]
+             base: dict | None = None,           # fields set for every row
+             train_frames: int = 60) -> None:
+    "Train and evaluate every job (`run_row`), one worker process per entry of `devices`, all drawing from one queue."
+    for data, *_ in jobs:
+        if not (Path(data) / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json)")
+    devices = devices or ([f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"])
+    if any(d.startswith("cuda") for d in devices): _build_gsplat(devices)
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for data, out, name, seed in jobs:
+        Path(out).mkdir(parents=True, exist_ok=True); queue.put((str(data), str(out), name, int(seed)))
+    if len(devices) == 1: _worker(queue, devices[0], base, train_frames)
+    else:
+        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames)) for d in devices]
+        for p in procs: p.start()
+        for p in procs: p.join()
+
 def ablate(data: str | Path, out: str | Path,
-           rows: list[str] | None = None,     # names in ROWS (default: all)
+           rows: list[str] | None = None,     # names in ROWS or ROW_GROUPS (default: all rows)
            seeds: tuple = (0,),
            devices: list[str] | None = None,  # default: every visible GPU, else ["cpu"]
            base: dict | None = None,          # fields set for every row
            train_frames: int = 60) -> list[dict]:
     "Run every (row, seed) with one worker per device; write row JSONs, ablation.json and ablation.md; the rows."
-    rows = list(ROWS) if rows is None else expand_rows(rows)
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown: raise ValueError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
-    if not (Path(data) / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json)")
-    devices = devices or ([f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"])
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    if any(d.startswith("cuda") for d in devices): _build_gsplat(devices)
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    jobs = ctx.Queue()
-    for r in rows:
-        for s in seeds: jobs.put((r, int(s)))
-    if len(devices) == 1: _worker(jobs, str(data), str(out), devices[0], base, train_frames)
-    else:
-        procs = [ctx.Process(target=_worker, args=(jobs, str(data), str(out), d, base, train_frames)) for d in devices]
-        for p in procs: p.start()
-        for p in procs: p.join()
+    rows = check_rows(rows)
+    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames)
     return write_table(out, rows, seeds)
 
 # %% ../nbs/33_ablation.ipynb #0000000e
 TABLE_COLUMNS = [   # (header, split, key in the summary)
     ("head PSNR", "test", "psnr_head"), ("PSNR", "test", "psnr"), ("SSIM face", "test", "ssim_face"),
-    ("LMD centred", "test", "lmd_centred"), ("LMD", "test", "lmd"), ("mouth corr", "test", "mouth_open_corr"),
+    ("LMD centred", "test", "lmd_centred"), ("LMD", "test", "lmd"), ("LMD centred static", "test_static", "lmd_centred"),
+    ("mouth corr", "test", "mouth_open_corr"),
     ("mouth interior", "test", "psnr_mouth_interior"), ("lips", "test", "psnr_lips"), ("silhouette", "test", "psnr_silhouette"),
     ("head PSNR train", "train", "psnr_head"), ("mouth interior train", "train", "psnr_mouth_interior")]
 
@@ -161,7 +195,7 @@ def ablation_table(results: list[dict]) -> str:
     head = "| row | seed | " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " | train s |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
     for r in results:
-        vals = [_fmt(r[split].get(k)) for _, split, k in TABLE_COLUMNS]
+        vals = [_fmt(r.get(split, {}).get(k)) for _, split, k in TABLE_COLUMNS]
         lines.append(f"| {r['row']} | {r['seed']} | " + " | ".join(vals) + f" | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -190,11 +224,13 @@ def fill_lip_metrics(out: str | Path, data: str | Path | None = None) -> list[di
     for p in sorted(Path(out).glob("*_s*/row.json")):
         r = json.loads(p.read_text())
         run = p.parent / "run"
-        if data is not None:   # renders made elsewhere: point the report at this machine's copy of the clip
-            rp = run / "eval" / "report.json"; rep = json.loads(rp.read_text()); rep["data"] = str(data)
-            atomic_write_text(json.dumps(rep, indent=1), rp)
-        rep = evaluate(run, lmd_only=True)
-        r["test"].update({k: rep["summary"].get(k) for k in ("lmd", "lmd_centred", "mouth_open_corr", "faces_found")})
+        for split, folder, static in (("test", "eval", False), ("test_static", "eval_static", True)):
+            if split not in r or not (run / folder / "renders").is_dir(): continue
+            if data is not None:   # renders made elsewhere: point the report at this machine's copy of the clip
+                rp = run / folder / "report.json"; rep = json.loads(rp.read_text()); rep["data"] = str(data)
+                atomic_write_text(json.dumps(rep, indent=1), rp)
+            rep = evaluate(run, static=static, lmd_only=True)
+            r[split].update({k: rep["summary"].get(k) for k in ("lmd", "lmd_centred", "mouth_open_corr", "faces_found")})
         atomic_write_text(json.dumps(r, indent=1, default=float), p)
         res.append(r)
     write_table(out)

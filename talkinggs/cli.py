@@ -192,11 +192,12 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                out: Param("ablation folder: a run folder and row.json per row and seed, ablation.md/.json", str) = "ablation",
                rows: Param("comma-separated row names or groups: table4, methods (default: all; see --list_rows)", str) = None,
                seeds: Param("comma-separated seeds", str) = "0",
-               devices: Param("comma-separated devices (default: every visible GPU, else the CPU)", str) = None,
+               devices: Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str) = None,
+               config: Param("TrainConfig fields for every run, e.g. face_iters=6000,mouth_iters=3000 (typed like the fields)", str) = None,
                lip: Param("only fill in LMD and mouth-opening correlation from the saved renders", store_true) = False,
                list_rows: Param("print the rows and what each tests", store_true) = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
-    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics
+    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics, parse_changes
     if list_rows:
         for r in ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
@@ -206,7 +207,7 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
         else:
             if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
             ablate(data, out, rows.split(",") if rows else None, tuple(int(s) for s in seeds.split(",")),
-                   devices.split(",") if devices else None)
+                   devices.split(",") if devices else None, parse_changes(config) or None)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
 
@@ -217,28 +218,30 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
               out: Param("study folder", str) = "study",
               rows: Param("rows or groups (chapter 33; default: table4 for ablation, methods for fewshot)", str) = "",
               seeds: Param("comma-separated seeds", str) = "0",
-              devices: Param("comma-separated devices (default: every visible GPU, else the CPU)", str) = None,
+              devices: Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str) = None,
+              config: Param("TrainConfig fields for every run, e.g. face_iters=6000,mouth_iters=3000 (typed like the fields)", str) = None,
               lengths: Param("fewshot: training lengths in seconds", str) = "10,15,20",
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
               lip: Param("only fill in LMD from the saved renders and rewrite the tables", store_true) = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
-    from talkinggs.ablation import ablate, fill_lip_metrics, write_table
+    from talkinggs.ablation import ablate, fill_lip_metrics, write_table, parse_changes
     from talkinggs.studies import fewshot, write_fewshot
     sd, devs = tuple(int(s) for s in seeds.split(",")), devices.split(",") if devices else None
     try:
+        base = parse_changes(config) or None
         if what == "ablation":
             rws = rows.split(",") if rows else ["table4"]
             if lip: fill_lip_metrics(out, source); write_table(out)
             else:
                 if source is None: raise ValueError("give the preprocessed clip the rows train on")
-                ablate(source, out, rws, sd, devs)
+                ablate(source, out, rws, sd, devs, base)
             print(Path(out, "ablation.md").read_text())
         elif what == "fewshot":
             if lip: write_fewshot(out, lip=True)
             else:
                 if source is None: raise ValueError("give the video (or preprocessed clip) of the study")
                 fewshot(source, out, tuple(float(x) for x in lengths.split(",")), test_seconds,
-                        rows.split(",") if rows else ["methods"], sd, devs)
+                        rows.split(",") if rows else ["methods"], sd, devs, base)
             print(Path(out, "fewshot.md").read_text())
         else: raise ValueError(f"unknown study {what!r}: use ablation or fewshot")
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("study", e)

@@ -13,7 +13,7 @@ from .frames import FrameStore
 from .motion_field import MotionField
 
 # %% auto #0
-__all__ = ['LIP_POINTS', 'lip_landmark_targets', 'lip_landmark_loss']
+__all__ = ['LIP_POINTS', 'lip_landmark_targets', 'lip_landmark_loss', 'lip_patch_boxes', 'lip_patch_l1']
 
 # %% ../nbs/27_lip_term.ipynb #cf4c910c
 LIP_POINTS = MOUTH_IDX + [CHIN]   # what speech moves: the 40 lip-contour points (chapter 18's LMD set) and the chin
@@ -49,3 +49,29 @@ def lip_landmark_loss(field: MotionField,        # the face branch's field
     moved = points + d_points                                                     # [L+1, 3]
     uv, _ = project_points(moved, viewmat[None], K[None])                         # [1, L+1, 2]
     return ((uv[0, :-1] - uv[0, -1:]) - target).abs().mean() / width
+
+# %% ../nbs/27_lip_term.ipynb #9681a742
+def lip_patch_boxes(landmarks: np.ndarray,   # [N, 478, >=2] pixel landmarks of every frame
+                    margin: float = 0.25,    # widening on each side, as a share of the box's width / height (ours)
+                    size: tuple[int, int] | None = None,  # (H, W) to clip the boxes to
+                   ) -> np.ndarray:          # [N, 4] int x0, y0, x1, y1 (x1, y1 exclusive)
+    "Per-frame box around the tracked outer lips, widened by `margin` (GSTalker's lip patch)."
+    from talkinggs.landmarks import OUTER_LIP
+    p = np.asarray(landmarks)[:, OUTER_LIP, :2]                               # [N, 20, 2]
+    lo, hi = p.min(1), p.max(1)                                               # [N, 2] each
+    pad = margin * (hi - lo)                                                  # [N, 2]
+    box = np.concatenate([np.floor(lo - pad), np.ceil(hi + pad) + 1], 1)      # [N, 4]
+    if size is not None: box = np.clip(box, 0, [size[1], size[0], size[1], size[0]])
+    return box.astype(np.int64)
+
+def lip_patch_l1(rgb: torch.Tensor, target: torch.Tensor,   # [B, H, W, 3] render and target
+                 boxes: torch.Tensor,                        # [B, 4] x0, y0, x1, y1 of each image's patch
+                ) -> torch.Tensor:                           # [] mean |rgb − target| inside the patches
+    "Mean L1 inside each image's lip box (GSTalker's L_lips)."
+    B, H, W, _ = rgb.shape
+    ys = torch.arange(H, device=rgb.device)[None, :, None]                    # [1, H, 1]
+    xs = torch.arange(W, device=rgb.device)[None, None, :]                    # [1, 1, W]
+    b = boxes.to(rgb.device)[:, :, None, None]                                # [B, 4, 1, 1]
+    inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])   # [B, H, W]
+    err = (rgb - target).abs().mean(-1)                                       # [B, H, W]
+    return (err * inside).sum() / inside.sum().clamp_min(1)

@@ -8,7 +8,7 @@ import json, os
 from pathlib import Path
 import numpy as np
 from .runs import atomic_write_text
-from .ablation import ablate, expand_rows, read_rows, fill_lip_metrics
+from .ablation import check_rows, run_jobs, write_table, read_rows, fill_lip_metrics
 
 # %% auto #0
 __all__ = ['FEWSHOT_COLUMNS', 'fewshot_split', 'fewshot_table', 'fewshot_plot', 'fewshot', 'write_fewshot']
@@ -87,12 +87,13 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
     if max(lengths) + test_seconds > clip:
         raise ValueError(f"the clip is {clip:.1f} s: {max(lengths):g} s of training and a separate {test_seconds:g} s test "
                          f"tail need {max(lengths) + test_seconds:g} s")
-    rows = expand_rows(list(rows))
+    rows = check_rows(list(rows))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(dict(data=str(data.resolve()), clip_seconds=clip, test_seconds=test_seconds,
                                       lengths=list(lengths), rows=rows, seeds=list(seeds)), indent=1), out / "study.json")
-    for L in lengths:
-        ablate(fewshot_split(data, out / f"data_{L:g}s", L, test_seconds), out / f"{L:g}s", rows, seeds, devices, base, train_frames)
+    views = {L: fewshot_split(data, out / f"data_{L:g}s", L, test_seconds) for L in lengths}
+    run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds], devices, base, train_frames)
+    for L in lengths: write_table(out / f"{L:g}s", rows, seeds)   # each length's ablation.md
     return write_fewshot(out)
 
 def write_fewshot(out: str | Path,     # a study folder of `fewshot`

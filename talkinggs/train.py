@@ -19,7 +19,7 @@ from .static_fit import ssim, StaticFitConfig, make_optimizers, make_strategy
 from .fusion import fuse_layers, composite_over
 from .sampling import WindowRule, IncrementalSampler
 from .masks import MOUTH
-from .lip_term import lip_landmark_targets, lip_landmark_loss
+from .lip_term import lip_landmark_targets, lip_landmark_loss, lip_patch_boxes, lip_patch_l1
 from .metrics import lpips_or_none
 from .frames import FrameStore
 from .motion_field import POSE_DIM
@@ -118,7 +118,8 @@ class BranchRules:
         "Per-run state computed once before the loop (none by default)."
     def image_loss(self, rgb: torch.Tensor, alpha: torch.Tensor,    # [B, H, W, 3] render over black, [B, H, W, 1] opacity
                    target: torch.Tensor, mask: torch.Tensor,        # [B, H, W, 3] black outside `mask` [B, H, W] bool
-                   frs: list[dict], cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:  # loss [], PSNR []
+                   frs: list[dict], cfg: TrainConfig,
+                   js: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # the batch's frame numbers; loss [], PSNR []
         "The photometric loss of a rendered batch and the PSNR it logs."
         raise NotImplementedError
     def points(self) -> torch.Tensor | None:  # [M, 3] canonical points that `motion_loss` needs moved
@@ -136,6 +137,7 @@ class FaceRules(BranchRules):
     "The face branch: all training frames, the lips then AU45 windows, face loss + alpha (+ hole), the lip-landmark term."
     name, seed_offset = "face", 0
     corrects_cameras = True
+    patches = None   # [N, 4] lip boxes when GSTalker's lip patch is on (`prepare`)
     def iterations(self, cfg): return cfg.face_iters
     def frames(self, store):
         f = store.train_idx
@@ -147,11 +149,15 @@ class FaceRules(BranchRules):
     def prepare(self, head, store, cfg):
         self.lips = lip_landmark_targets(store, head_geometry(store)["landmarks3d"]) \
             if cfg.lip_landmark_weight > 0 else None                               # the landmark term's points and targets
-    def image_loss(self, rgb, alpha, target, mask, frs, cfg):
+        self.patches = torch.as_tensor(lip_patch_boxes(store.landmarks, size=(store.H, store.W)), device=store.device) \
+            if cfg.lip_patch_weight else None                                      # [N, 4] GSTalker's lip patch per frame
+    def image_loss(self, rgb, alpha, target, mask, frs, cfg, js):
         if cfg.random_bg:   # off the face (mouth, torso, background) the render must show the colour behind it
             bg = torch.rand(3, device=rgb.device)                                 # [3]
             rgb, target = composite_over(rgb, alpha, bg), target + (~mask[..., None]) * bg
         loss = _face_loss(rgb, target, alpha, mask, cfg)
+        if self.patches is not None:   # GSTalker's λ3·L_lips
+            loss = loss + cfg.lip_patch_weight * lip_patch_l1(rgb, target, self.patches[torch.as_tensor(js, device=rgb.device)])
         if cfg.mouth_hole_weight:
             hole = torch.stack([fr["mouth"] for fr in frs]).float()               # [B, H, W] inside of the mouth
             loss = loss + cfg.mouth_hole_weight * (alpha[..., 0] * hole).sum() / hole.sum().clamp_min(1.0)
@@ -176,7 +182,7 @@ class MouthRules(BranchRules):
         span = self.span(iterations)
         return [WindowRule("au25", 0.0, 0.2, step=1 / span, every=cfg.window_every_mouth, start=warmup, stop=span,
                            descending=True)]
-    def image_loss(self, rgb, alpha, target, mask, frs, cfg):
+    def image_loss(self, rgb, alpha, target, mask, frs, cfg, js):
         loss = masked_loss(rgb, target, mask, cfg.ssim_lambda)
         area = mask.sum().clamp_min(1.0)                                          # mouth pixels in the batch
         cover = ((1 - alpha[..., 0]) * mask).sum() / area                         # empty inside the mouth mask
@@ -269,7 +275,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
             deg = min(step // cfg.sh_interval, sh_degree_of(splats))
             ti = torch.as_tensor(js, device=dev)
             rgb, alpha, info = head.render_branch(params, vm, store.Ks[ti], deg, cfg.backend)
-            loss, quality = rules.image_loss(rgb, alpha, target, mask, frs, cfg)
+            loss, quality = rules.image_loss(rgb, alpha, target, mask, frs, cfg, js)
             if joint:   # the cameras follow the skin above the nose tip only (chapter 26): speech cannot move them
                 for i in js:
                     if i not in upper: upper[i] = upper_face_mask(store, i)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainConfig', 'resolve_iterations', 'cpu_demo_train_config']
+__all__ = ['PRESETS', 'METHOD_TRAIN', 'UNSET', 'TrainConfig', 'resolve_iterations', 'cpu_demo_train_config']
 
 # %% ../nbs/28_train_config.ipynb #6d6bd62d
 @dataclass
@@ -41,6 +41,7 @@ class TrainConfig:
     mouth_scale_max: float = 0.25    # largest inside-mouth Gaussian, as a share of its box's half side (ours)
     offset_weight: float = 1e-3      # weight of mean |Δμ| / bound + mean |Δs| (small deformation regulariser; ours)
     lip_landmark_weight: float = 1.0 # weight of the lip-landmark term: tracked lip motion supervises the face field (ours)
+    lip_patch_weight: float | None = None  # λ3 of GSTalker's lip-patch L1 (GSTalker's L_lips; value ours); None: the method's own (`METHOD_TRAIN`)
     means_lr: float = 1.6e-4         # initial position lr × scene scale (3DGS)
     means_lr_final_frac: float = 1e-2 # the position lr decays exponentially to this fraction (3DGS: 1.6e-4 -> 1.6e-6)
     scales_lr: float = 5e-3          # log-scale lr (3DGS)
@@ -66,8 +67,15 @@ class TrainConfig:
 
 PRESETS = ("fast", "paper", "custom")   # the iteration presets `resolve_iterations` knows
 
+METHOD_TRAIN = {   # training settings a method brings with it, used where the config leaves them None
+    "gstalker": dict(lip_patch_weight=1.0),   # GSTalker's loss has a lip-patch L1 (λ3; its value is not published: ours)
+}
+UNSET = dict(lip_patch_weight=0.0)   # what a None field becomes for a method that does not name it
+
 def resolve_iterations(cfg: TrainConfig, n_train: int) -> TrainConfig:
-    "Fill in 0 iteration counts from the preset and the number of training frames."
+    "Fill in 0 iteration counts from the preset and the number of training frames, and None fields from the method."
+    own = METHOD_TRAIN.get(cfg.method, {})
+    cfg = dataclasses.replace(cfg, **{k: own.get(k, off) for k, off in UNSET.items() if getattr(cfg, k) is None})
     if cfg.preset == "paper": f, m, u = 50_000, 50_000, 10_000
     elif cfg.preset in ("fast", "custom"):
         f = int(np.clip(30 * n_train, 6_000, 12_000)); m, u = f // 2, f // 6
