@@ -52,8 +52,8 @@ def lip_landmark_loss(field: MotionField,        # the face branch's field
 
 # %% ../nbs/27_lip_term.ipynb #9681a742
 def lip_patch_boxes(landmarks: np.ndarray,   # [N, 478, >=2] pixel landmarks of every frame
-                    margin: float = 0.25,    # widening on each side, as a share of the box's width / height (ours)
                     size: tuple[int, int] | None = None,  # (H, W) to clip the boxes to
+                    margin: float = 0.25,    # widening on each side, as a share of the box's width / height (ours)
                    ) -> np.ndarray:          # [N, 4] int x0, y0, x1, y1 (x1, y1 exclusive)
     "Per-frame box around the tracked outer lips, widened by `margin` (GSTalker's lip patch)."
     from talkinggs.landmarks import OUTER_LIP

@@ -118,8 +118,7 @@ class BranchRules:
         "Per-run state computed once before the loop (none by default)."
     def image_loss(self, rgb: torch.Tensor, alpha: torch.Tensor,    # [B, H, W, 3] render over black, [B, H, W, 1] opacity
                    target: torch.Tensor, mask: torch.Tensor,        # [B, H, W, 3] black outside `mask` [B, H, W] bool
-                   frs: list[dict], cfg: TrainConfig,
-                   js: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # the batch's frame numbers; loss [], PSNR []
+                   frs: list[dict], cfg: TrainConfig, js: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # js: frames; loss, PSNR []
         "The photometric loss of a rendered batch and the PSNR it logs."
         raise NotImplementedError
     def points(self) -> torch.Tensor | None:  # [M, 3] canonical points that `motion_loss` needs moved
@@ -136,8 +135,7 @@ class BranchRules:
 class FaceRules(BranchRules):
     "The face branch: all training frames, the lips then AU45 windows, face loss + alpha (+ hole), the lip-landmark term."
     name, seed_offset = "face", 0
-    corrects_cameras = True
-    patches = None   # [N, 4] lip boxes when GSTalker's lip patch is on (`prepare`)
+    corrects_cameras, patches = True, None   # patches: [N, 4] lip boxes when GSTalker's lip patch is on (`prepare`)
     def iterations(self, cfg): return cfg.face_iters
     def frames(self, store):
         f = store.train_idx
@@ -149,15 +147,13 @@ class FaceRules(BranchRules):
     def prepare(self, head, store, cfg):
         self.lips = lip_landmark_targets(store, head_geometry(store)["landmarks3d"]) \
             if cfg.lip_landmark_weight > 0 else None                               # the landmark term's points and targets
-        self.patches = torch.as_tensor(lip_patch_boxes(store.landmarks, size=(store.H, store.W)), device=store.device) \
-            if cfg.lip_patch_weight else None                                      # [N, 4] GSTalker's lip patch per frame
+        self.patches = torch.as_tensor(lip_patch_boxes(store.landmarks, (store.H, store.W)), device=store.device) if cfg.lip_patch_weight else None
     def image_loss(self, rgb, alpha, target, mask, frs, cfg, js):
         if cfg.random_bg:   # off the face (mouth, torso, background) the render must show the colour behind it
             bg = torch.rand(3, device=rgb.device)                                 # [3]
             rgb, target = composite_over(rgb, alpha, bg), target + (~mask[..., None]) * bg
         loss = _face_loss(rgb, target, alpha, mask, cfg)
-        if self.patches is not None:   # GSTalker's λ3·L_lips
-            loss = loss + cfg.lip_patch_weight * lip_patch_l1(rgb, target, self.patches[torch.as_tensor(js, device=rgb.device)])
+        if self.patches is not None: loss = loss + cfg.lip_patch_weight * lip_patch_l1(rgb, target, self.patches[js])   # GSTalker's λ3·L_lips
         if cfg.mouth_hole_weight:
             hole = torch.stack([fr["mouth"] for fr in frs]).float()               # [B, H, W] inside of the mouth
             loss = loss + cfg.mouth_hole_weight * (alpha[..., 0] * hole).sum() / hole.sum().clamp_min(1.0)
