@@ -282,6 +282,21 @@ def _eval_frames(store: FrameStore, split: str, train_frames: int) -> np.ndarray
     if split == "train": return store.train_idx[np.unique(np.linspace(0, len(store.train_idx) - 1, train_frames).round().astype(int))]
     raise ValueError(f"split must be 'test' or 'train', got {split!r}")
 
+def _test_cameras(run: Path, head: TalkingHead, store: FrameStore, idx: np.ndarray,  # [F] test frames
+                  data: Path, cfg: dict, progress: bool) -> torch.Tensor:              # [F, 4, 4]
+    "Rigidly corrected cameras of the test frames, cached in run/test_cameras.pt (keyed by frames, clip and model file)."
+    from talkinggs.runs import atomic_save
+    st = (Path(run) / "model.pt").stat()
+    key = dict(frames=[int(i) for i in idx], data=str(Path(data).resolve()), model=[st.st_size, st.st_mtime_ns])
+    path = Path(run) / "test_cameras.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location=head.device)
+        if saved.get("key") == key: return saved["viewmats"]
+    if progress: print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
+    vm = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])     # [F, 4, 4]
+    atomic_save(dict(key=key, viewmats=vm.cpu()), path)
+    return vm
+
 def evaluate(run: str | Path, data: str | Path | None = None, device: str = "auto",
              static: bool = False,          # motion fields off (the canonical head)
              lmd_only: bool = False,        # add LMD to an existing report from its saved renders
@@ -317,9 +332,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, device: str = "aut
     r = Renderer(head)
     lp = lpips_or_none(head.device, quiet=True)
     rows, renders, head_share, err_sum = [], [], [], 0.0
-    if refine:
-        if progress: print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
-        store.viewmats[torch.as_tensor(idx, device=head.device)] = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])
+    if refine:   # the corrections depend only on the static face: made once per model and clip, then read back
+        store.viewmats[torch.as_tensor(idx, device=head.device)] = _test_cameras(run, head, store, idx, data, cfg, progress)
     import cv2
     for i in tqdm(idx, desc=name, disable=not progress):
         i = int(i)

@@ -114,8 +114,17 @@ def test_evaluate_reports(trained):
     assert saved["summary"]["psnr"] == pytest.approx(s["psnr"])
     assert len(list((run / "eval" / "renders").glob("*.png"))) == 12
     assert probe_video(run / "eval" / "side_by_side.mp4").width == 3 * 64
-    st = evaluate(run, device="cpu", static=True, video=False, progress=False)
-    assert (run / "eval_static" / "report.json").exists() and st["static"]
+    cams = run / "test_cameras.pt"                                 # the corrected test cameras, made once
+    assert cams.is_file()
+    stamp = cams.stat().st_mtime_ns
+    import talkinggs.synthesize as syn
+    def refit(*a, **k): raise AssertionError("the static evaluation fitted the test cameras again")
+    orig, syn.refine_cameras = syn.refine_cameras, refit
+    try: st = evaluate(run, device="cpu", static=True, video=False, progress=False)
+    finally: syn.refine_cameras = orig
+    assert (run / "eval_static" / "report.json").exists() and st["static"] and cams.stat().st_mtime_ns == stamp
+    saved = torch.load(cams)
+    assert saved["key"]["frames"] == rep["frames"] and saved["viewmats"].shape == (12, 4, 4)
 
 
 def test_evaluate_diagnosis(trained, monkeypatch):
