@@ -103,14 +103,14 @@ def run_row(data: str | Path,          # preprocessed clip
     return res
 
 # %% ../nbs/33_ablation.ipynb #0000000c
-def _worker(jobs, device, base, train_frames):
+def _worker(jobs, device, base, train_frames, static):
     "One device: take (data, out, row name, seed) jobs from the queue until it is empty."
     import queue, traceback
     if device.startswith("cuda"): torch.cuda.set_device(device)
     while True:
         try: data, out, name, seed = jobs.get(timeout=2)    # (a queue's put reaches other processes a moment later)
         except queue.Empty: return
-        try: run_row(data, out, ROWS[name], seed, device, base, train_frames)
+        try: run_row(data, out, ROWS[name], seed, device, base, train_frames, static)
         except Exception:
             d = Path(out) / f"{name}_s{seed}"; d.mkdir(parents=True, exist_ok=True)
             (d / "error.txt").write_text(traceback.format_exc())
@@ -152,7 +152,8 @@ def check_rows(rows: list[str] | None) -> list[str]:
 def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder, row name, seed) each
              devices: list[str] | None = None,   # one worker each (a device named twice: two); default every GPU, else ["cpu"]
              base: dict | None = None,           # fields set for every row
-             train_frames: int = 60) -> None:
+             train_frames: int = 60,
+             static: bool = True) -> None:       # also evaluate each row's static model (`run_row`)
     "Train and evaluate every job (`run_row`), one worker process per entry of `devices`, all drawing from one queue."
     for data, *_ in jobs:
         if not (Path(data) / "meta.json").is_file(): raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json)")
@@ -163,9 +164,9 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
     queue = ctx.Queue()
     for data, out, name, seed in jobs:
         Path(out).mkdir(parents=True, exist_ok=True); queue.put((str(data), str(out), name, int(seed)))
-    if len(devices) == 1: _worker(queue, devices[0], base, train_frames)
+    if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static)
     else:
-        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames)) for d in devices]
+        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames, static)) for d in devices]
         for p in procs: p.start()
         for p in procs: p.join()
 

@@ -72,7 +72,7 @@ def render_cli(run: Param("run folder (talkinggs train)", str),
                out: Param("output mp4", str) = "out.mp4",
                audio: Param("audio or video file (or a sample's name) to drive the head (default: the training clip's audio)", str) = None,
                data: Param("data folder (default: the one the run was trained on)", str) = None,
-               background: Param("torso, plate, white or black", str) = "torso",
+               background: Param("torso, plate, white, black, or model (GSTalker's torso Gaussians)", str) = "torso",
                device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
                quiet: Param("no progress bar", store_true) = False):
     "Render a talking-head video driven by any audio, audio muxed in."

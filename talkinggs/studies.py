@@ -73,6 +73,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
             base: dict | None = None,             # TrainConfig fields for every run (tests: short CPU runs)
             train_frames: int = 60,               # training frames evaluated per run (chapter 33's `run_row`)
             preprocess_cfg=None,                  # PreprocessConfig when `source` is a video
+            static: bool = False,                 # also evaluate each run's static model (the table does not use it)
            ) -> list[dict]:
     "Train every row on the first 10/15/20 s of one clip, test all on the same unseen tail: fewshot.json, .md and .png."
     out, source = Path(out), Path(source)
@@ -92,7 +93,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
     atomic_write_text(json.dumps(dict(data=str(data.resolve()), clip_seconds=clip, test_seconds=test_seconds,
                                       lengths=list(lengths), rows=rows, seeds=list(seeds)), indent=1), out / "study.json")
     views = {L: fewshot_split(data, out / f"data_{L:g}s", L, test_seconds) for L in lengths}
-    run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds], devices, base, train_frames)
+    run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds], devices, base, train_frames, static)
     for L in lengths: write_table(out / f"{L:g}s", rows, seeds)   # each length's ablation.md
     return write_fewshot(out)
 

@@ -173,14 +173,19 @@ def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarr
     idx = store.train_idx if split == "train" else np.arange(store.n)
     return idx[mirrored_loop(len(idx), n_out)]
 
-BACKGROUNDS = ("torso", "plate", "white", "black")   # what `background_for` can put behind the head
+BACKGROUNDS = ("torso", "plate", "white", "black", "model")   # what `background_for` can put behind the head
 
-def background_for(store: FrameStore, i: int, kind: str = "torso") -> torch.Tensor | None:
-    "The layer behind the head: 'torso' (frame i with its head replaced by the plate), 'plate', 'white', 'black'."
+def background_for(store: FrameStore, i: int, kind: str = "torso",
+                   torso=None) -> torch.Tensor | None:   # with kind "model": the run's `Torso` (chapter 22c)
+    "The layer behind the head: 'torso' (frame i, head replaced by the plate), 'plate', 'white', 'black', 'model' (a torso over the plate)."
     if kind == "torso": return store.frame(i)["torso_bg"]
     if kind == "plate": return store.plate.float() / 255
     if kind in ("white", "black"): return torch.full((3,), 1.0 if kind == "white" else 0.0, device=store.device)
-    raise ValueError(f"background must be torso, plate, white or black, got {kind!r}")
+    if kind == "model":
+        if torso is None: raise ValueError("background 'model' needs the run's torso (torso.pt: trained by --method gstalker)")
+        with torch.no_grad(): rgb, alpha = torso.render(store.viewmats[i])                # [H, W, 3], [H, W, 1]
+        return rgb + (1 - alpha) * store.plate.float() / 255                             # [H, W, 3]
+    raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {kind!r}")
 
 # %% ../nbs/31_synthesize.ipynb #32c1f602
 def render_video(run: str | Path, out: str | Path, audio: str | Path | None = None,  # None: the clip's own audio
@@ -190,6 +195,11 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
     if background not in BACKGROUNDS: raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
     if not Path(out).parent.is_dir(): raise FileNotFoundError(f"folder {Path(out).parent} does not exist (for {out})")
     head, data, _ = load_run(run, device, data)
+    torso = None
+    if background == "model":
+        if not (Path(run) / "torso.pt").is_file(): raise FileNotFoundError(f"{run} has no torso.pt: only GSTalker runs (--method gstalker) model the torso")
+        from talkinggs.torso import load_torso
+        torso = load_torso(Path(run) / "torso.pt", head.device)
     store = model_store(head, data, progress)
     if audio is None:
         feats, wav, track = store.audio, None, np.arange(store.n)
@@ -211,7 +221,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
             for t in tqdm(range(n), desc="render", disable=not progress):
                 i = int(track[t])
-                o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background))
+                o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background, torso))
                 w.write(o["image"])
                 if t == 9 and n > 250:                                         # long audio: say how long it will take
                     per = (time.time() - t0) / 10

@@ -26,6 +26,7 @@ from .motion_field import POSE_DIM
 from .train_config import TrainConfig, PRESETS, resolve_iterations, cpu_demo_train_config
 from .model import TalkingHead, Branch, head_from_store, head_geometry, head_state, load_head, set_splats, model_store
 from .pose_refine import rigid_correction, upper_face_mask, masked_loss, pose_parameters
+from .torso import torso_stage
 
 # %% auto #0
 __all__ = ['RULES', 'keep_in_box', 'init_colors_from_frames', 'BranchRules', 'FaceRules', 'MouthRules', 'train_branch',
@@ -412,8 +413,7 @@ def train_fused(head: TalkingHead, store: FrameStore, cfg: TrainConfig, run_dir:
 
 # %% ../nbs/30_train.ipynb #4c613822
 def _done(run_dir: Path, stage: str, iters: int) -> bool:
-    p = run_dir / f"{stage}.ckpt.pt"
-    return p.exists() and load_checkpoint(p, "cpu")["step"] >= iters
+    p = run_dir / f"{stage}.ckpt.pt"; return p.exists() and load_checkpoint(p, "cpu")["step"] >= iters
 
 def _branch_worker(branch, data, run_dir, cfg, device, progress):
     "Train one branch in its own process (parallel mode) from the shared initial model."
@@ -494,5 +494,6 @@ def train(data: str | Path,                     # folder written by `talkinggs p
         if cfg.lpips_gamma > 0 and not r["lpips"]: info["fused_note"] = "LPIPS unavailable: the fused stage ran without its LPIPS term"
         atomic_write_text(json.dumps(info, indent=1), out / "config.json")
     atomic_save(head_state(head), out / "model.pt")
+    if cfg.torso_iters: torso_stage(store, out, cfg.torso_iters, head.cfg.center, head.cfg.bound, cfg.seed, cfg.backend, progress)
     plot_metrics(out / "metrics.csv", out / "loss.png")
     return head

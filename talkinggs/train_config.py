@@ -42,6 +42,7 @@ class TrainConfig:
     offset_weight: float = 1e-3      # weight of mean |Δμ| / bound + mean |Δs| (small deformation regulariser; ours)
     lip_landmark_weight: float = 1.0 # weight of the lip-landmark term: tracked lip motion supervises the face field (ours)
     lip_patch_weight: float | None = None  # λ3 of GSTalker's lip-patch L1 (GSTalker's L_lips; value ours); None: the method's own (`METHOD_TRAIN`)
+    torso_iters: int | None = None   # GSTalker's torso (chapter 22c): iterations after the fused stage (0: none); None: the method's own
     means_lr: float = 1.6e-4         # initial position lr × scene scale (3DGS)
     means_lr_final_frac: float = 1e-2 # the position lr decays exponentially to this fraction (3DGS: 1.6e-4 -> 1.6e-6)
     scales_lr: float = 5e-3          # log-scale lr (3DGS)
@@ -68,9 +69,10 @@ class TrainConfig:
 PRESETS = ("fast", "paper", "custom")   # the iteration presets `resolve_iterations` knows
 
 METHOD_TRAIN = {   # training settings a method brings with it, used where the config leaves them None
-    "gstalker": dict(lip_patch_weight=1.0),   # GSTalker's loss has a lip-patch L1 (λ3; its value is not published: ours)
+    "gstalker": dict(lip_patch_weight=1.0,    # GSTalker's loss has a lip-patch L1 (λ3; its value is not published: ours)
+                     torso_iters=2_000),      # and a torso of its own (Eq. 5; iterations ours)
 }
-UNSET = dict(lip_patch_weight=0.0)   # what a None field becomes for a method that does not name it
+UNSET = dict(lip_patch_weight=0.0, torso_iters=0)   # what a None field becomes for a method that does not name it
 
 def resolve_iterations(cfg: TrainConfig, n_train: int) -> TrainConfig:
     "Fill in 0 iteration counts from the preset and the number of training frames, and None fields from the method."

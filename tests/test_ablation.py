@@ -38,10 +38,11 @@ def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
     assert [r["row"] for r in res] == ["baseline", "random_bg"]
     assert [r["config"]["random_bg"] for r in res] == [False, True]
     assert all(r["config"]["face_iters"] == 30 and r["train"]["frames"] == 6 for r in res)
+    assert all(r["test_static"]["frames"] == r["test"]["frames"] and r["test_static"]["psnr_head"] > 0 for r in res)   # the static model too
     # the two rows trained different models: their test numbers differ
     assert res[0]["test"]["psnr_head"] != res[1]["test"]["psnr_head"]
     table = (out / "ablation.md").read_text().splitlines()
-    assert table[0].startswith("| row | seed | head PSNR") and [l.split("|")[1].strip() for l in table[2:4]] == ["baseline", "random_bg"]
+    assert table[0].startswith("| row | seed | head PSNR") and "| LMD centred static |" in table[0] and [l.split("|")[1].strip() for l in table[2:4]] == ["baseline", "random_bg"]
     assert json.loads((out / "ablation.json").read_text())["rows"] == res
     stamp = (out / "baseline_s0" / "row.json").stat().st_mtime_ns
     again = ablate(clip, out, rows=["baseline"], devices=["cpu"], base=TINY)

@@ -25,8 +25,10 @@ def clip(tmp_path_factory):
 @pytest.mark.parametrize("method", ["gstalker", "gaussiantalker"])
 def test_method_trains_renders_evaluates(clip, tmp_path, method):
     run = tmp_path / method
-    cfg = cpu_demo_train_config(method=method, face_iters=40, fused_iters=4, face_points=300, log_every=5)
+    cfg = cpu_demo_train_config(method=method, face_iters=40, fused_iters=4, face_points=300, log_every=5,
+                                torso_iters=30 if method == "gstalker" else None)   # GSTalker's torso; the other: its own (none)
     train(clip, run, cfg, device="cpu", progress=False)
+    assert (run / "torso.pt").is_file() == (method == "gstalker")
     head = load_head(run / "model.pt")
     assert head.cfg.method == method and [b.name for b in head.branches] == ["face"] and head.face.mask == "head"
     assert json.loads((run / "config.json").read_text())["train"]["method"] == method
@@ -39,8 +41,11 @@ def test_method_trains_renders_evaluates(clip, tmp_path, method):
         assert (a["image"] - b["image"]).abs().max() < 1e-6 and "mouth" not in a
     rep = evaluate(run, device="cpu", video=False, progress=False)
     assert rep["summary"]["psnr_head"] > 5 and (run / "eval" / "report.json").exists()
-    out = render_video(run, tmp_path / f"{method}.mp4", device="cpu", max_frames=3, progress=False)
+    out = render_video(run, tmp_path / f"{method}.mp4", device="cpu", max_frames=3, progress=False,
+                       background="model" if method == "gstalker" else "torso")   # GSTalker: shoulders from its torso Gaussians
     assert out["frames"] == 3 and (tmp_path / f"{method}.mp4").stat().st_size > 0
+    if method == "gaussiantalker":
+        with pytest.raises(FileNotFoundError, match="no torso.pt"): render_video(run, tmp_path / "x.mp4", background="model", device="cpu")
     from talkinggs.traces import model_traces                       # the trace explorer's data: what the method moves
     tr = model_traces(head, store, frames=[0, 1, 2], size=32, n_other=50)
     assert tr.d_means.shape[:2] == (3, len(tr.means)) and (tr.branch == 0).all() and tr.regions["teeth"].sum() == 0

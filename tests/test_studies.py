@@ -32,7 +32,7 @@ def test_fewshot_two_rows_two_lengths_and_the_command(tmp_path):
     a, b = FrameStore(out / "data_1s", "cpu", progress=False), FrameStore(out / "data_2s", "cpu", progress=False)
     assert len(a.train_idx) == 25 and len(b.train_idx) == 50                       # the first 1 s and 2 s at 25 fps
     assert np.array_equal(a.test_idx, b.test_idx) and len(a.test_idx) == 25 and a.test_idx[0] >= 50   # one unseen tail
-    assert all(r["test"]["frames"] == 25 for r in res)
+    assert all(r["test"]["frames"] == 25 and "test_static" not in r for r in res)   # the study skips static models
     saved = json.loads((out / "fewshot.json").read_text())
     assert saved["rows"] == ["table4_appearance", "table4_one_field"] and len(saved["results"]) == 2
     assert "| train s | row | seed | PSNR | SSIM face | LPIPS | LMD | head PSNR | LMD centred |" in (out / "fewshot.md").read_text()
@@ -41,6 +41,8 @@ def test_fewshot_two_rows_two_lengths_and_the_command(tmp_path):
     assert r.returncode == 0 and "table4_one_field" in r.stdout, r.stderr[-500:]
     with pytest.raises(ValueError, match="need 9 s"):
         fewshot(clip, tmp_path / "long", lengths=(7,), test_seconds=2, devices=["cpu"], base=TINY)
+    r = cli("ablation", str(out / "data_1s"), "--out", str(tmp_path / "y"), "--config", "face_iter=3", cwd=tmp_path)
+    assert r.returncode == 2 and "--config takes name=value pairs of TrainConfig fields" in r.stderr and "Traceback" not in r.stderr
     r = cli("fewshot", str(tmp_path / "missing.mp4"), "--out", "x", cwd=tmp_path)
     assert r.returncode == 2 and "neither a video file nor a preprocessed clip" in r.stderr and not (tmp_path / "x").exists()
     r = cli("nope", cwd=tmp_path)
