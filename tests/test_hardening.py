@@ -139,12 +139,15 @@ def test_render_stopped_by_a_signal_leaves_nothing(run, tmp_path, sig):
     out = tmp_path / "video" / "a.mp4"; out.parent.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "render", str(run), "--out", str(out), "--audio", str(wav),
                           "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not list(out.parent.glob(".*.part.mp4")) and p.poll() is None and time.time() - t0 < 120: time.sleep(0.2)
-    assert p.poll() is None, "the render ended before it could be stopped"
-    time.sleep(1.0)
+    import threading
+    lines = []                                                     # stderr as it comes (a loaded CI machine is slow)
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True); reader.start()
+    t0 = time.time()                                               # stop it mid-render: after its time estimate (frame 10)
+    while not any("rendering 3000 frames" in l for l in lines) and p.poll() is None and time.time() - t0 < 120: time.sleep(0.1)
+    assert p.poll() is None and list(out.parent.glob(".*.part.mp4")), "the render ended before it could be stopped"
     p.send_signal(getattr(signal, sig))
-    err = p.communicate(timeout=60)[1]
+    p.wait(timeout=60); reader.join(timeout=10)
+    err = "".join(lines)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert "rendering 3000 frames (120 s of video): about" in err                     # a long render says how long
     assert sorted(x.name for x in out.parent.iterdir()) == []                           # no .part.mp4, no temporary wav
