@@ -19,6 +19,7 @@ from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
 from .model import TalkingHead, load_head, model_store
 from .pose_refine import refine_cameras
+from .torso import Torso, load_torso
 from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
                                region_masks, region_psnr, REGIONS,
                                mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, summarize)
@@ -176,7 +177,7 @@ def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarr
 BACKGROUNDS = ("torso", "plate", "white", "black", "model")   # what `background_for` can put behind the head
 
 def background_for(store: FrameStore, i: int, kind: str = "torso",
-                   torso=None) -> torch.Tensor | None:   # with kind "model": the run's `Torso` (chapter 22c)
+                   torso: Torso | None = None) -> torch.Tensor:   # with kind "model": the run's torso (chapter 22c)
     "The layer behind the head: 'torso' (frame i, head replaced by the plate), 'plate', 'white', 'black', 'model' (a torso over the plate)."
     if kind == "torso": return store.frame(i)["torso_bg"]
     if kind == "plate": return store.plate.float() / 255
@@ -198,7 +199,6 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
     torso = None
     if background == "model":
         if not (Path(run) / "torso.pt").is_file(): raise FileNotFoundError(f"{run} has no torso.pt: only GSTalker runs (--method gstalker) model the torso")
-        from talkinggs.torso import load_torso
         torso = load_torso(Path(run) / "torso.pt", head.device)
     store = model_store(head, data, progress)
     if audio is None:

@@ -18,6 +18,7 @@ from .rasterize import rasterize
 from .motion_field import mlp, pose_code, POSE_DIM
 from .masks import TORSO, HAIR
 from .runs import atomic_save, load_checkpoint
+from .frames import FrameStore
 
 # %% auto #0
 __all__ = ['TorsoConfig', 'positional_encoding', 'TorsoField', 'Torso', 'init_torso', 'torso_loss', 'store_sample', 'train_torso',
@@ -97,7 +98,8 @@ class Torso(nn.Module):
                                   self.width, self.height, sh_degree=0, backend=backend)
         return rgb[0], alpha[0]
 
-def init_torso(store, cfg: TorsoConfig = TorsoConfig(),   # store: a FrameStore with the cameras training ends with
+def init_torso(store: FrameStore,                         # the clip, with the cameras training ends with
+               cfg: TorsoConfig = TorsoConfig(),
                center: torch.Tensor | None = None,        # [3] head centre (default: the origin)
                bound: float = 0.15,                       # head-box half side (HeadConfig.bound)
               ) -> Torso:
@@ -132,10 +134,10 @@ def torso_loss(rgb: torch.Tensor, alpha: torch.Tensor,   # [H, W, 3] torso over 
     n = k.sum().clamp_min(1)
     return ((comp - image).abs().mean(-1) * k).sum() / n + alpha_weight * ((alpha[..., 0] - torso.float()).abs() * k).sum() / n
 
-def store_sample(store) -> Callable[[int], tuple]:
+def store_sample(store: FrameStore) -> Callable[[int], tuple]:
     "Frame j of a FrameStore as torso training needs it: image, plate, pixels off the head, torso pixels."
     plate = store.plate.to(store.device).float() / 255
-    def sample(j: int):
+    def sample(j: int) -> tuple:   # [H, W, 3] image, [H, W, 3] plate, [H, W] off-head, [H, W] torso
         lab = store.labels[j].to(store.device)
         return store.images[j].to(store.device).float() / 255, plate, lab < HAIR, lab == TORSO
     return sample
@@ -175,7 +177,7 @@ def load_torso(path: str | Path, device: str | torch.device = "cpu") -> Torso:
     field = TorsoField(cfg, device); field.load_state_dict(s["field"])
     return Torso(splats, field, s["viewmat"].to(device), s["K"].to(device), *s["size"])
 
-def torso_stage(store, out: str | Path,            # a FrameStore with the final cameras; the run folder
+def torso_stage(store: FrameStore, out: str | Path,   # the clip with the final cameras; the run folder
                 iters: int,                       # torso iterations (TrainConfig.torso_iters)
                 center, bound: float,             # the head's box (HeadConfig.center, .bound)
                 seed: int = 0, backend: str = "auto", progress: bool = False) -> Path:

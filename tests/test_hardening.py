@@ -138,8 +138,9 @@ def test_render_stopped_by_a_signal_leaves_nothing(run, tmp_path, sig):
     wavfile.write(wav, 16000, (np.random.default_rng(0).standard_normal(16000 * 120) * 3000).astype(np.int16))   # 2 min
     out = tmp_path / "video" / "a.mp4"; out.parent.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "render", str(run), "--out", str(out), "--audio", str(wav),
-                          "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True)
-    import threading
+                          "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as in a terminal, even
+    import threading                                               # when the tests run in a background job (SIGINT ignored)
     lines = []                                                     # stderr as it comes (a loaded CI machine is slow)
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True); reader.start()
     t0 = time.time()                                               # stop it mid-render: after its time estimate (frame 10)
