@@ -224,14 +224,14 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
               lip: Param("only fill in LMD from the saved renders and rewrite the tables", store_true) = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
-    from talkinggs.ablation import ablate, fill_lip_metrics, write_table, parse_changes
+    from talkinggs.ablation import ablate, fill_lip_metrics, parse_changes
     from talkinggs.studies import fewshot, write_fewshot
     sd, devs = tuple(int(s) for s in seeds.split(",")), devices.split(",") if devices else None
     try:
         base = parse_changes(config) or None
         if what == "ablation":
             rws = rows.split(",") if rows else ["table4"]
-            if lip: fill_lip_metrics(out, source); write_table(out)
+            if lip: fill_lip_metrics(out, source)                  # rewrites the table too
             else:
                 if source is None: raise ValueError("give the preprocessed clip the rows train on")
                 ablate(source, out, rws, sd, devs, base)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .core import project_points
-from .landmarks import CHIN, MOUTH_CORNERS, NOSE_TIP, MOUTH_IDX
+from .landmarks import CHIN, MOUTH_CORNERS, NOSE_TIP, MOUTH_IDX, OUTER_LIP
 from .frames import FrameStore
 from .motion_field import MotionField
 
@@ -56,7 +56,6 @@ def lip_patch_boxes(landmarks: np.ndarray,   # [N, 478, >=2] pixel landmarks of 
                     margin: float = 0.25,    # widening on each side, as a share of the box's width / height (ours)
                    ) -> np.ndarray:          # [N, 4] int x0, y0, x1, y1 (x1, y1 exclusive)
     "Per-frame box around the tracked outer lips, widened by `margin` (GSTalker's lip patch)."
-    from talkinggs.landmarks import OUTER_LIP
     p = np.asarray(landmarks)[:, OUTER_LIP, :2]                               # [N, 20, 2]
     lo, hi = p.min(1), p.max(1)                                               # [N, 2] each
     pad = margin * (hi - lo)                                                  # [N, 2]

@@ -8,7 +8,7 @@ import json, os
 from pathlib import Path
 import numpy as np
 from .runs import atomic_write_text
-from .ablation import check_rows, run_jobs, write_table, read_rows, fill_lip_metrics
+from .ablation import check_rows, run_jobs, write_table, read_rows, fill_lip_metrics, _fmt
 
 # %% auto #0
 __all__ = ['FEWSHOT_COLUMNS', 'fewshot_split', 'fewshot_table', 'fewshot_plot', 'fewshot', 'write_fewshot']
@@ -43,11 +43,10 @@ FEWSHOT_COLUMNS = [   # (header, key in the test summary): the GaussianTalker re
 
 def fewshot_table(res: list[dict]) -> str:
     "Markdown: one line per training length and row (method)."
-    fmt = lambda v: "–" if v is None or v != v else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
     lines = ["| train s | row | seed | " + " | ".join(h for h, _ in FEWSHOT_COLUMNS) + " |", "|" + "---|" * (len(FEWSHOT_COLUMNS) + 3)]
     for r in res:
         lines.append(f"| {r['train_seconds_clip']:g} | {r['row']} | {r['seed']} | " +
-                     " | ".join(fmt(r["test"].get(k)) for _, k in FEWSHOT_COLUMNS) + " |")
+                     " | ".join(_fmt(r["test"].get(k)) for _, k in FEWSHOT_COLUMNS) + " |")
     return "\n".join(lines)
 
 def fewshot_plot(res: list[dict], path: str | Path) -> None:

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 from .core import psnr, get_device, camera_centers
 from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
-from .runs import atomic_write_text, sigterm_as_interrupt
+from .runs import atomic_save, atomic_write_text, load_checkpoint, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
 from .frames import FrameStore
 from .model import TalkingHead, load_head, model_store
 from .pose_refine import refine_cameras
 from .torso import Torso, load_torso
+from .fusion import composite_over
 from .metrics import (psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
                                region_masks, region_psnr, REGIONS,
                                mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, summarize)
@@ -185,7 +186,7 @@ def background_for(store: FrameStore, i: int, kind: str = "torso",
     if kind == "model":
         if torso is None: raise ValueError("background 'model' needs the run's torso (torso.pt: trained by --method gstalker)")
         with torch.no_grad(): rgb, alpha = torso.render(store.viewmats[i])                # [H, W, 3], [H, W, 1]
-        return rgb + (1 - alpha) * store.plate.float() / 255                             # [H, W, 3]
+        return composite_over(rgb, alpha, store.plate.float() / 255)                     # [H, W, 3]
     raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {kind!r}")
 
 # %% ../nbs/31_synthesize.ipynb #32c1f602
@@ -295,12 +296,11 @@ def _eval_frames(store: FrameStore, split: str, train_frames: int) -> np.ndarray
 def _test_cameras(run: Path, head: TalkingHead, store: FrameStore, idx: np.ndarray,  # [F] test frames
                   data: Path, cfg: dict, progress: bool) -> torch.Tensor:              # [F, 4, 4]
     "Rigidly corrected cameras of the test frames, cached in run/test_cameras.pt (keyed by frames, clip and model file)."
-    from talkinggs.runs import atomic_save
     st = (Path(run) / "model.pt").stat()
     key = dict(frames=[int(i) for i in idx], data=str(Path(data).resolve()), model=[st.st_size, st.st_mtime_ns])
     path = Path(run) / "test_cameras.pt"
     if path.is_file():
-        saved = torch.load(path, map_location=head.device)
+        saved = load_checkpoint(path, head.device)
         if saved.get("key") == key: return saved["viewmats"]
     if progress: print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
     vm = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])     # [F, 4, 4]

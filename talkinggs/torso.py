@@ -4,7 +4,7 @@
 
 # %% ../nbs/22c_torso.ipynb #f0e560d9
 from __future__ import annotations
-import math, time
+import math
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable
@@ -19,6 +19,7 @@ from .motion_field import mlp, pose_code, POSE_DIM
 from .masks import TORSO, HAIR
 from .runs import atomic_save, load_checkpoint
 from .frames import FrameStore
+from .static_fit import StaticFitConfig
 
 # %% auto #0
 __all__ = ['TorsoConfig', 'positional_encoding', 'TorsoField', 'Torso', 'init_torso', 'torso_loss', 'store_sample', 'train_torso',
@@ -105,7 +106,8 @@ def init_torso(store: FrameStore,                         # the clip, with the c
               ) -> Torso:
     "Torso Gaussians on the torso pixels of the training frame nearest the mean pose, on a plane behind the head."
     dev = store.device
-    codes = pose_code(store.viewmats[torch.as_tensor(store.train_idx, device=dev)].float())   # [F, P]
+    train_cams = store.viewmats[torch.as_tensor(store.train_idx, device=dev)]              # [F, 4, 4]
+    codes = pose_code(train_cams.float())                                              # [F, P]
     ref = int(store.train_idx[int((codes - codes.mean(0)).norm(dim=-1).argmin())])
     vm, K = store.viewmats[ref].float(), store.Ks[ref].float()                         # [4, 4], [3, 3]
     torso = (store.labels[ref].to(dev) == TORSO).nonzero()                             # [T, 2] (row, col)
@@ -120,7 +122,7 @@ def init_torso(store: FrameStore,                         # the clip, with the c
     colors = store.images[ref].to(dev)[pick[:, 0], pick[:, 1]].float() / 255           # [N, 3]
     splats = init_from_points(world, colors, sh_degree=0, opacity=0.5, device=dev)
     field = TorsoField(cfg, dev)
-    field.set_stats(world, store.viewmats[torch.as_tensor(store.train_idx, device=dev)])
+    field.set_stats(world, train_cams)
     return Torso(splats, field, vm, K, store.W, store.H)
 
 # %% ../nbs/22c_torso.ipynb #38d56cfc
@@ -129,7 +131,7 @@ def torso_loss(rgb: torch.Tensor, alpha: torch.Tensor,   # [H, W, 3] torso over 
                keep: torch.Tensor, torso: torch.Tensor,   # [H, W] bool: pixels scored (not head), torso pixels
                alpha_weight: float) -> torch.Tensor:      # []
     "L1 of torso-over-plate against the frame off the head, plus w·|A − torso mask| there."
-    comp = rgb + (1 - alpha) * plate                                                   # [H, W, 3]
+    comp = rgb + (1 - alpha) * plate                                                   # [H, W, 3] over the plate (chapter 23's composite_over)
     k = keep.float()
     n = k.sum().clamp_min(1)
     return ((comp - image).abs().mean(-1) * k).sum() / n + alpha_weight * ((alpha[..., 0] - torso.float()).abs() * k).sum() / n
@@ -148,11 +150,11 @@ def train_torso(torso: Torso, sample: Callable[[int], tuple],   # sample(j) -> i
                 iters: int, cfg: TorsoConfig = TorsoConfig(),
                 backend: str = "auto", progress: bool = False) -> list[float]:  # the loss every 25 steps
     "Fit the torso Gaussians and their pose field to the frames off the head (L1 + mask term)."
-    size = float(torso.field.radius)
-    opt = torch.optim.Adam([dict(params=[torso.splats["means"]], lr=cfg.means_lr * size),   # 3DGS lrs for the rest
-                            dict(params=[torso.splats["scales"]], lr=5e-3), dict(params=[torso.splats["quats"]], lr=1e-3),
-                            dict(params=[torso.splats["opacities"]], lr=5e-2),
-                            dict(params=[torso.splats["sh0"]], lr=2.5e-3), dict(params=torso.field.net.parameters(), lr=cfg.net_lr)])
+    g, s = StaticFitConfig(), torso.splats                                           # 3DGS lrs for all but the positions
+    opt = torch.optim.Adam([dict(params=[s["means"]], lr=cfg.means_lr * float(torso.field.radius)),
+                            dict(params=[s["scales"]], lr=g.scales_lr), dict(params=[s["quats"]], lr=g.quats_lr),
+                            dict(params=[s["opacities"]], lr=g.opacities_lr), dict(params=[s["sh0"]], lr=g.sh0_lr),
+                            dict(params=torso.field.net.parameters(), lr=cfg.net_lr)])
     rng, losses = np.random.default_rng(cfg.seed), []
     for step in tqdm(range(iters), desc="torso", disable=not progress):
         j = int(rng.choice(frames))
