@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from .static_fit import ssim
+from .gaussians import activate, sh_degree_of
+from .rasterize import rasterize
 from .head_pose import axis_angle_to_rotmat
 from .masks import FACE
 from .landmarks import NOSE_TIP
@@ -16,7 +18,8 @@ from .frames import FrameStore
 from .model import TalkingHead
 
 # %% auto #0
-__all__ = ['rigid_correction', 'upper_face_mask', 'masked_loss', 'pose_parameters', 'refine_cameras']
+__all__ = ['rigid_correction', 'upper_face_mask', 'masked_loss', 'mask_box', 'pose_parameters', 'fit_rigid_cameras',
+           'refine_cameras']
 
 # %% ../nbs/26_pose_refine.ipynb #78ed4412
 def rigid_correction(viewmats: torch.Tensor,  # [B, 4, 4] world-to-camera of the tracked poses
@@ -41,11 +44,25 @@ def masked_loss(pred: torch.Tensor,    # [..., H, W, 3] render
                 target: torch.Tensor,  # [..., H, W, 3] frame
                 mask: torch.Tensor,    # [..., H, W] bool, where the loss looks
                 lam: float,            # λ of D-SSIM (TalkingGaussian Eq. 10: 0.2)
+                share: float = 1.0,    # these pixels' share of the whole frame, when they are a crop of it (`mask_box`)
                ) -> torch.Tensor:      # []
-    "L1 + λ·D-SSIM restricted to a mask (both images zeroed outside it)."
+    "L1 + λ·D-SSIM restricted to a mask (both images zeroed outside it), D-SSIM averaged over the whole frame."
     m = mask[..., None].to(pred.dtype)                                          # [..., H, W, 1]
     l1 = ((pred - target).abs() * m).sum() / (3 * m.sum()).clamp_min(1.0)
-    return l1 + lam * (1 - ssim(pred * m, target * m))
+    return l1 + lam * share * (1 - ssim(pred * m, target * m))
+
+def mask_box(masks: torch.Tensor,   # [F, H, W] bool, the pixels a loss looks at
+             margin: int = 8,       # more than the SSIM window's radius (5): windows outside the box see only zeros
+             tile: int = 16,        # gsplat's tile side: the box starts and ends on tile edges
+            ) -> tuple[int, int, int, int]:  # y0, y1, x0, x1
+    "Tile-aligned box around the masked pixels of a batch, grown by `margin` (the whole frame when none is masked)."
+    H, W = masks.shape[-2:]
+    ys = masks.any(0).any(1).nonzero()[:, 0]                                    # [h] masked rows
+    xs = masks.any(0).any(0).nonzero()[:, 0]                                    # [w] masked columns
+    if len(ys) == 0: return 0, H, 0, W
+    lo = lambda v: max(0, (int(v) - margin) // tile * tile)
+    hi = lambda v, n: min(n, -(-(int(v) + 1 + margin) // tile) * tile)
+    return lo(ys.min()), hi(ys.max(), H), lo(xs.min()), hi(xs.max(), W)
 
 def pose_parameters(n: int,                          # frames to correct
                     device: str | torch.device,
@@ -59,26 +76,52 @@ def pose_parameters(n: int,                          # frames to correct
 
 # %% ../nbs/26_pose_refine.ipynb #8f13d3c5
 @torch.enable_grad()
+def fit_rigid_cameras(splats: dict,             # fixed Gaussians (stored form): the static face
+                      viewmats: torch.Tensor,   # [F, 4, 4] tracked world-to-camera
+                      Ks: torch.Tensor,         # [F, 3, 3] pixel intrinsics
+                      targets: torch.Tensor,    # [F, H, W, 3] the frames
+                      masks: torch.Tensor,      # [F, H, W] bool, the pixels that drive the fit
+                      center: torch.Tensor,     # [3] head centre, the pivot of the rotations
+                      bound: float,             # head box half side: the unit of the translation lr
+                      steps: int = 150,         # Adam steps (ours)
+                      lr: float = 2e-3,         # Adam lr of the rotations (ours)
+                      ssim_lambda: float = 0.2, # λ of D-SSIM (TalkingGaussian Eq. 10: 0.2)
+                      crop: bool = True,        # render only `mask_box` of the masks: the same loss, fewer pixels
+                      backend: str = "auto") -> torch.Tensor:  # [F, 4, 4]
+    "Rigid corrections of F cameras, fitted photometrically against fixed Gaussians on the masked pixels."
+    p = {k: v.detach() for k, v in activate(splats).items()}                    # activated once: they stay fixed
+    deg = sh_degree_of(splats)
+    H, W = targets.shape[1:3]
+    y0, y1, x0, x1 = mask_box(masks) if crop else (0, H, 0, W)
+    Kc = Ks.clone(); Kc[:, 0, 2] -= x0; Kc[:, 1, 2] -= y0                      # [F, 3, 3] the box's principal point
+    tgt, m = targets[:, y0:y1, x0:x1], masks[:, y0:y1, x0:x1]                   # [F, h, w, 3], [F, h, w]
+    share = (y1 - y0) * (x1 - x0) / (H * W)
+    w, t, opt = pose_parameters(len(viewmats), viewmats.device, lr, bound)
+    for _ in range(steps):
+        rgb, _, _ = rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["colors"],
+                              rigid_correction(viewmats, w, t, center), Kc, x1 - x0, y1 - y0, sh_degree=deg,
+                              backend=backend)                                   # [F, h, w, 3] over black
+        loss = masked_loss(rgb, tgt, m, ssim_lambda, share)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    return rigid_correction(viewmats, w.detach(), t.detach(), center)
+
 def refine_cameras(head: TalkingHead, store: FrameStore,
                    frames: np.ndarray,          # [F] frame numbers to correct
-                   steps: int = 150,            # Adam steps per chunk of 8 frames (ours)
+                   steps: int = 150,            # Adam steps per batch of frames (ours)
                    lr: float = 2e-3,            # Adam lr of the rotations (ours)
                    ssim_lambda: float = 0.2,    # λ of D-SSIM: the run's (TalkingGaussian Eq. 10: 0.2)
+                   chunk: int = 32,             # frames per render: each frame's fit is its own, so only speed depends on it
+                   crop: bool = True,           # render only the upper face's box (`fit_rigid_cameras`)
                    backend: str = "auto") -> torch.Tensor:  # [F, 4, 4]
     "Rigid pose corrections of unseen frames against the trained static face (upper-face pixels only)."
-    splats = {k: v.detach() for k, v in head.face.splats.items()}
     dev = store.device
     center = torch.tensor(head.cfg.center, device=dev)
     out = []
-    for chunk in np.array_split(np.asarray(frames), max(1, math.ceil(len(frames) / 8))):   # 8 frames per render
-        ci = torch.as_tensor(chunk, device=dev)
-        target = torch.stack([store.frame(int(j))["image"] for j in chunk])        # [F, H, W, 3]
-        up = torch.stack([upper_face_mask(store, int(j)) for j in chunk])          # [F, H, W]
-        w, t, opt = pose_parameters(len(chunk), dev, lr, head.cfg.bound)
-        for _ in range(steps):
-            rgb, _, _ = head.render_branch(splats, rigid_correction(store.viewmats[ci], w, t, center), store.Ks[ci],
-                                           backend=backend)
-            loss = masked_loss(rgb, target, up, ssim_lambda)
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        out.append(rigid_correction(store.viewmats[ci], w.detach(), t.detach(), center))
+    for part in np.array_split(np.asarray(frames), max(1, math.ceil(len(frames) / chunk))):
+        ci = torch.as_tensor(part, device=dev)
+        targets = torch.stack([store.frame(int(j))["image"] for j in part])       # [F, H, W, 3]
+        masks = torch.stack([upper_face_mask(store, int(j)) for j in part])       # [F, H, W]
+        out.append(fit_rigid_cameras(head.face.splats, store.viewmats[ci], store.Ks[ci], targets, masks, center,
+                                     head.cfg.bound, steps, lr, ssim_lambda, crop, backend))
     return torch.cat(out)
+
