@@ -52,14 +52,18 @@ def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str
               mouth_iters: Param("mouth-branch iterations (0: from the preset)", int) = 0,
               fused_iters: Param("fused-stage iterations (0: from the preset)", int) = 0,
               ckpt_every: Param("iterations between checkpoints", int) = 1000,
+              config: Param("more TrainConfig fields, name=value,... (e.g. pose_iters=500,torso_iters=0)", str) = None,
               quiet: Param("no progress bars", store_true) = False):
     "Train a talking head on a preprocessed clip (three stages; checkpoints; --resume)."
     from talkinggs.runs import Interrupted
     from talkinggs.train import TrainConfig, train
     from talkinggs.model import METHODS
     if method not in METHODS: _fail("train", ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}"))
-    cfg = TrainConfig(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters, fused_iters=fused_iters,
-                      ckpt_every=ckpt_every)
+    from talkinggs.ablation import parse_changes
+    try: changes = parse_changes(config)                                 # typed, unknown names refused
+    except ValueError as e: _fail("train", e)
+    cfg = TrainConfig(**(dict(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters,
+                              fused_iters=fused_iters, ckpt_every=ckpt_every) | changes))
     try:
         t0 = time.time()
         train(data, out, cfg, device=device, resume=resume, parallel=parallel, progress=not quiet)

@@ -61,3 +61,19 @@ def test_cli_method(clip, tmp_path):
     assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
     assert {"talkinggaussian", "gstalker", "gaussiantalker"} <= set(METHODS)
+
+
+def test_cli_train_config(clip, tmp_path):
+    "`talkinggs train --config`: TrainConfig fields beyond the named options reach the run; a wrong one is one line."
+    def train_cli(*extra):
+        return subprocess.run([sys.executable, "-m", "talkinggs", "train", str(clip), "--out", str(tmp_path / "r"),
+                               "--device", "cpu", "--quiet", *extra], capture_output=True, text=True)
+    r = train_cli("--config", "pose_iter=5")
+    assert r.returncode == 2 and "--config takes name=value pairs" in r.stderr and "Traceback" not in r.stderr
+    r = train_cli("--config", "pose_iters=many")
+    assert r.returncode == 2 and "is not of type int" in r.stderr and not (tmp_path / "r").exists()
+    r = train_cli("--preset", "custom", "--face_iters", "4", "--mouth_iters", "2", "--fused_iters", "2", "--config",
+                  "pose_refine=false,face_points=100,mouth_points=40,sh_degree=0,lpips_gamma=0,ssim_lambda=0.1")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert cfg["face_points"] == 100 and cfg["ssim_lambda"] == 0.1 and cfg["pose_refine"] is False and cfg["face_iters"] == 4
