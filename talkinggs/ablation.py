@@ -132,13 +132,13 @@ def parse_changes(text: str | None) -> dict:
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or name not in kinds: raise ValueError(f"--config takes name=value pairs of TrainConfig fields, got {item!r}")
-        kind = str(kinds[name])
+        kind = str(kinds[name]); base = kind.replace(" | None", "")              # "int | None" converts as int
         try:
-            if kind == "bool":
+            if base == "bool":
                 if value.lower() not in ("true", "false", "1", "0"): raise ValueError
                 out[name] = value.lower() in ("true", "1")
             elif value.lower() == "none" and "None" in kind: out[name] = None
-            else: out[name] = int(value) if kind == "int" else float(value) if kind.startswith("float") else value
+            else: out[name] = int(value) if base == "int" else float(value) if base == "float" else value
         except ValueError: raise ValueError(f"--config {name}: {value!r} is not of type {kind}") from None
     return out
 

@@ -73,7 +73,8 @@ def test_cli_train_config(clip, tmp_path):
     r = train_cli("--config", "pose_iters=many")
     assert r.returncode == 2 and "is not of type int" in r.stderr and not (tmp_path / "r").exists()
     r = train_cli("--preset", "custom", "--face_iters", "4", "--mouth_iters", "2", "--fused_iters", "2", "--config",
-                  "pose_refine=false,face_points=100,mouth_points=40,sh_degree=0,lpips_gamma=0,ssim_lambda=0.1")
+                  "pose_refine=false,face_points=100,mouth_points=40,sh_degree=0,lpips_gamma=0,ssim_lambda=0.1,torso_iters=0")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
     assert cfg["face_points"] == 100 and cfg["ssim_lambda"] == 0.1 and cfg["pose_refine"] is False and cfg["face_iters"] == 4
+    assert cfg["torso_iters"] == 0 and not (tmp_path / "r" / "torso.pt").exists()   # an optional int field, typed
