@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .static_fit import ssim
 from .gaussians import activate, sh_degree_of
@@ -87,7 +88,9 @@ def fit_rigid_cameras(splats: dict,             # fixed Gaussians (stored form):
                       lr: float = 2e-3,         # Adam lr of the rotations (ours)
                       ssim_lambda: float = 0.2, # λ of D-SSIM (TalkingGaussian Eq. 10: 0.2)
                       crop: bool = True,        # render only `mask_box` of the masks: the same loss, fewer pixels
-                      backend: str = "auto") -> torch.Tensor:  # [F, 4, 4]
+                      backend: str = "auto",
+                      bar: tqdm | None = None,  # a progress bar to advance once per step
+                     ) -> torch.Tensor:         # [F, 4, 4]
     "Rigid corrections of F cameras, fitted photometrically against fixed Gaussians on the masked pixels."
     p = {k: v.detach() for k, v in activate(splats).items()}                    # activated once: they stay fixed
     deg = sh_degree_of(splats)
@@ -103,6 +106,7 @@ def fit_rigid_cameras(splats: dict,             # fixed Gaussians (stored form):
                               backend=backend)                                   # [F, h, w, 3] over black
         loss = masked_loss(rgb, tgt, m, ssim_lambda, share)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        if bar is not None: bar.update()
     return rigid_correction(viewmats, w.detach(), t.detach(), center)
 
 def refine_cameras(head: TalkingHead, store: FrameStore,
@@ -112,16 +116,19 @@ def refine_cameras(head: TalkingHead, store: FrameStore,
                    ssim_lambda: float = 0.2,    # λ of D-SSIM: the run's (TalkingGaussian Eq. 10: 0.2)
                    chunk: int = 32,             # frames per render: each frame's fit is its own, so only speed depends on it
                    crop: bool = True,           # render only the upper face's box (`fit_rigid_cameras`)
-                   backend: str = "auto") -> torch.Tensor:  # [F, 4, 4]
+                   backend: str = "auto",
+                   progress: bool = False) -> torch.Tensor:  # [F, 4, 4]
     "Rigid pose corrections of unseen frames against the trained static face (upper-face pixels only)."
     dev = store.device
     center = torch.tensor(head.cfg.center, device=dev)
-    out = []
-    for part in np.array_split(np.asarray(frames), max(1, math.ceil(len(frames) / chunk))):
+    out, parts = [], np.array_split(np.asarray(frames), max(1, math.ceil(len(frames) / chunk)))
+    bar = tqdm(total=len(parts) * steps, desc="test cameras", disable=not progress)
+    for part in parts:
         ci = torch.as_tensor(part, device=dev)
         targets = torch.stack([store.frame(int(j))["image"] for j in part])       # [F, H, W, 3]
         masks = torch.stack([upper_face_mask(store, int(j)) for j in part])       # [F, H, W]
         out.append(fit_rigid_cameras(head.face.splats, store.viewmats[ci], store.Ks[ci], targets, masks, center,
-                                     head.cfg.bound, steps, lr, ssim_lambda, crop, backend))
+                                     head.cfg.bound, steps, lr, ssim_lambda, crop, backend, bar))
+    bar.close()
     return torch.cat(out)
 

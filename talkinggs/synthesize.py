@@ -303,7 +303,7 @@ def _test_cameras(run: Path, head: TalkingHead, store: FrameStore, idx: np.ndarr
         saved = load_checkpoint(path, head.device)
         if saved.get("key") == key: return saved["viewmats"]
     if progress: print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
-    vm = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"])     # [F, 4, 4]
+    vm = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"], progress=progress)   # [F, 4, 4]
     atomic_save(dict(key=key, viewmats=vm.cpu()), path)
     return vm
 
