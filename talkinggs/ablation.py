@@ -16,8 +16,8 @@ from .train import TrainConfig, train
 from .synthesize import evaluate
 
 # %% auto #0
-__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'parse_changes', 'check_rows',
-           'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'check_rows', 'run_jobs',
+           'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -123,24 +123,6 @@ def _build_gsplat(devices: list[str]) -> None:
     K = torch.tensor([[[10.0, 0, 4], [0, 10, 4], [0, 0, 1]]], device=d)
     rasterize(one(1, 3) * torch.tensor([0, 0, 2.0], device=d), one(1, 4), one(1, 3) * 0.1, one(1), one(1, 3),
               torch.eye(4, device=d)[None], K, 8, 8, backend="gsplat")
-
-def parse_changes(text: str | None) -> dict:
-    "TrainConfig fields from 'name=value,name=value' (the CLI's --config), each value converted to its field's type."
-    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or name not in kinds: raise ValueError(f"--config takes name=value pairs of TrainConfig fields, got {item!r}")
-        kind = str(kinds[name]); base = kind.replace(" | None", "")              # "int | None" converts as int
-        try:
-            if base == "bool":
-                if value.lower() not in ("true", "false", "1", "0"): raise ValueError
-                out[name] = value.lower() in ("true", "1")
-            elif value.lower() == "none" and "None" in kind: out[name] = None
-            else: out[name] = int(value) if base == "int" else float(value) if base == "float" else value
-        except ValueError: raise ValueError(f"--config {name}: {value!r} is not of type {kind}") from None
-    return out
 
 def check_rows(rows: list[str] | None) -> list[str]:
     "Row names with groups expanded (all rows for None); unknown names refused."

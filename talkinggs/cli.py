@@ -59,7 +59,7 @@ def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str
     from talkinggs.train import TrainConfig, train
     from talkinggs.model import METHODS
     if method not in METHODS: _fail("train", ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}"))
-    from talkinggs.ablation import parse_changes
+    from talkinggs.train_config import parse_changes
     try: changes = parse_changes(config)                                 # typed, unknown names refused
     except ValueError as e: _fail("train", e)
     cfg = TrainConfig(**(dict(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters,
@@ -201,7 +201,8 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                lip: Param("only fill in LMD and mouth-opening correlation from the saved renders", store_true) = False,
                list_rows: Param("print the rows and what each tests", store_true) = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
-    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics, parse_changes
+    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics
+    from talkinggs.train_config import parse_changes
     if list_rows:
         for r in ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
@@ -228,7 +229,8 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
               lip: Param("only fill in LMD from the saved renders and rewrite the tables", store_true) = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
-    from talkinggs.ablation import ablate, fill_lip_metrics, parse_changes
+    from talkinggs.ablation import ablate, fill_lip_metrics
+    from talkinggs.train_config import parse_changes
     from talkinggs.studies import fewshot, write_fewshot
     sd, devs = tuple(int(s) for s in seeds.split(",")), devices.split(",") if devices else None
     try:

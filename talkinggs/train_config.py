@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['PRESETS', 'METHOD_TRAIN', 'UNSET', 'TrainConfig', 'resolve_iterations', 'cpu_demo_train_config']
+__all__ = ['PRESETS', 'METHOD_TRAIN', 'UNSET', 'TrainConfig', 'resolve_iterations', 'cpu_demo_train_config', 'parse_changes']
 
 # %% ../nbs/28_train_config.ipynb #6d6bd62d
 @dataclass
@@ -93,3 +93,23 @@ def cpu_demo_train_config(**changes) -> TrainConfig:
                        grid_lr=5e-2, net_lr=5e-3,                 # 10x supp. B.1 for a short run (as chapter 22's fit_motion)
                        lpips_gamma=0.0, backend="torch", ckpt_every=500, log_every=10, pose_refine=False)
     return dataclasses.replace(base, **changes)
+
+# %% ../nbs/28_train_config.ipynb #8bf3b1b1
+def parse_changes(text: str | None) -> dict:
+    "TrainConfig fields from 'name=value,name=value' (the CLI's --config), each value converted to its field's type."
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in kinds: raise ValueError(f"--config takes name=value pairs of TrainConfig fields, got {item!r}")
+        kind = str(kinds[name]); base = kind.replace(" | None", "")              # "int | None" converts as int
+        try:
+            if base == "bool":
+                if value.lower() not in ("true", "false", "1", "0"): raise ValueError
+                out[name] = value.lower() in ("true", "1")
+            elif value.lower() == "none" and "None" in kind: out[name] = None
+            else: out[name] = int(value) if base == "int" else float(value) if base == "float" else value
+        except ValueError: raise ValueError(f"--config {name}: {value!r} is not of type {kind}") from None
+    return out
+

@@ -2,7 +2,7 @@
 
 Each test below fails without its fix (see issue 18's list): tracebacks from deep inside, empty run folders,
 a run folder inside its data folder that could never be resumed, a config.json that claimed an LPIPS term."""
-import json, shutil, subprocess, sys
+import json, shutil, subprocess, sys, threading
 from pathlib import Path
 
 import pytest
@@ -140,8 +140,8 @@ def test_render_stopped_by_a_signal_leaves_nothing(run, tmp_path, sig):
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "render", str(run), "--out", str(out), "--audio", str(wav),
                           "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as in a terminal, even
-    import threading                                               # when the tests run in a background job (SIGINT ignored)
-    lines = []                                                     # stderr as it comes (a loaded CI machine is slow)
+    lines = []                                                     # when the tests run in a background job (SIGINT ignored);
+                                                                   # stderr as it comes (a loaded CI machine is slow)
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True); reader.start()
     t0 = time.time()                                               # stop it mid-render: after its time estimate (frame 10)
     while not any("rendering 3000 frames" in l for l in lines) and p.poll() is None and time.time() - t0 < 120: time.sleep(0.1)
