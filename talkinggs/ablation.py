@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .core import get_device
-from .runs import atomic_write_text, versions
+from .bookkeeping import atomic_write_text, versions
 from .train import TrainConfig, train
 from .synthesize import evaluate
 

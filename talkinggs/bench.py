@@ -11,7 +11,7 @@ import torch
 from .core import get_device, seed_everything, look_at, intrinsics_from_fov, median_ms
 from .gaussians import init_from_points, activate
 from .rasterize import rasterize, gsplat_available
-from .frames import FrameStore
+from .clip import FrameStore
 from .model import head_from_store, model_store
 from .train import TrainConfig, train_branch
 from .synthesize import load_run, Renderer
@@ -129,7 +129,7 @@ def bench_infer(run: str | Path, device: str = "auto",
                frames=frames, repeats=repeats, machine=machine_name(dev))
     for name, r in renderers.items():
         one = lambda k: r.frame(store.audio, k % store.n, store.viewmats[k % store.n], store.Ks[k % store.n],
-                                store.e[k % store.n], bg)
+                                store.expr[k % store.n], bg)
         for k in range(warmup): one(k)
         runs = []
         for _ in range(repeats):                   # frames run back to back, as in a video: one sync per run
@@ -141,7 +141,7 @@ def bench_infer(run: str | Path, device: str = "auto",
     if "fast" in renderers:                        # the same frames from both: the largest pixel difference
         d = 0.0
         for k in range(0, store.n, max(1, store.n // 50)):
-            a, b = (renderers[n].frame(store.audio, k, store.viewmats[k], store.Ks[k], store.e[k], bg)["image"] for n in ("reference", "fast"))
+            a, b = (renderers[n].frame(store.audio, k, store.viewmats[k], store.Ks[k], store.expr[k], bg)["image"] for n in ("reference", "fast"))
             d = max(d, (a - b).abs().max().item())
         out["fast"]["max_abs_diff"] = d
     out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda" else None
@@ -194,14 +194,14 @@ def bench_report(data: str | Path,                 # a preprocessed clip (traine
                  cfg: TrainConfig | None = None,   # train with this instead of the preset (the tests' CPU settings)
                 ) -> dict:
     "Preprocessing, training and inference speed on this machine, written to out/bench.json and returned."
-    from talkinggs.runs import atomic_write_text, versions
+    from talkinggs.bookkeeping import atomic_write_text, versions
     from talkinggs import train as train_mod
     out, data, dev = Path(out), Path(data), get_device(device)
     out.mkdir(parents=True, exist_ok=True)
     rep = dict(machine=machine_name(dev), cpu_count=os.cpu_count(), versions=versions("gsplat") | dict(commit=checkout_commit()),
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if video is not None:
-        from talkinggs.dataset import preprocess
+        from talkinggs.preprocess import preprocess
         from talkinggs.video import probe_video
         t0 = time.perf_counter()
         preprocess(video, data, progress=False)

@@ -25,8 +25,8 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
                    quiet: Param("no progress bars", store_true) = False,
                    verbose: Param("also show mediapipe's native log lines (TF Lite, absl)", store_true) = False):
     "Preprocess VIDEO into a talkinggs training folder (offline, CPU)."
-    from talkinggs.data import SAMPLES, get_sample
-    from talkinggs.dataset import preprocess, PreprocessConfig
+    from talkinggs.samples import SAMPLES, get_sample
+    from talkinggs.preprocess import preprocess, PreprocessConfig
     from talkinggs.video import VideoError
     from talkinggs.landmarks import quiet_native_logs
     out = out or Path(video).stem
@@ -55,7 +55,7 @@ def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str
               config: Param("more TrainConfig fields, name=value,... (e.g. pose_iters=500,torso_iters=0)", str) = None,
               quiet: Param("no progress bars", store_true) = False):
     "Train a talking head on a preprocessed clip (three stages; checkpoints; --resume)."
-    from talkinggs.runs import Interrupted
+    from talkinggs.bookkeeping import Interrupted
     from talkinggs.train import TrainConfig, train
     from talkinggs.model import METHODS
     if method not in METHODS: _fail("train", ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}"))
@@ -81,7 +81,7 @@ def render_cli(run: Param("run folder (talkinggs train)", str),
                quiet: Param("no progress bar", store_true) = False):
     "Render a talking-head video driven by any audio, audio muxed in."
     from talkinggs.synthesize import render_video
-    from talkinggs.data import SAMPLES, get_sample
+    from talkinggs.samples import SAMPLES, get_sample
     try:
         if audio and not Path(audio).exists() and audio in SAMPLES: audio = str(get_sample(audio))   # a sample's name
         r = render_video(run, out, audio, data, background, device, progress=not quiet)
@@ -157,8 +157,8 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
          device: str = "cpu",                   # where to train
          progress: bool = True) -> dict:
     "Preprocess, train, render and evaluate the bundled synthetic head; returns the evaluation summary and the paths."
-    from talkinggs.data import repo_root
-    from talkinggs.dataset import preprocess, PreprocessConfig
+    from talkinggs.samples import repo_root
+    from talkinggs.preprocess import preprocess, PreprocessConfig
     from talkinggs.train import train, cpu_demo_train_config
     from talkinggs.synthesize import render_video, evaluate
     out, head = Path(out), repo_root() / "data_samples" / "synthetic_head"

@@ -9,7 +9,7 @@ import torch
 
 from .core import project_points
 from .landmarks import CHIN, MOUTH_CORNERS, NOSE_TIP, MOUTH_IDX, OUTER_LIP
-from .frames import FrameStore
+from .clip import FrameStore
 from .motion_field import MotionField
 
 # %% auto #0

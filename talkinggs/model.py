@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import talkinggs
-from .runs import load_checkpoint
+from .bookkeeping import load_checkpoint
 from .gaussians import init_random, activate, sh_degree_of
 from .rasterize import rasterize
 from .landmarks import INNER_LIP, MOUTH_CORNERS
-from .frames import FrameStore
+from .clip import FrameStore
 from .motion_field import (MotionField, face_branch_config, mouth_branch_config, single_branch_config, appearance_config,
                                    apply_deformation)
 from .audio_encoder import AudioEncoder, AudioEncoderConfig, neighbour_indices

@@ -15,7 +15,7 @@ from .rasterize import rasterize
 from .head_pose import axis_angle_to_rotmat
 from .masks import FACE
 from .landmarks import NOSE_TIP
-from .frames import FrameStore
+from .clip import FrameStore
 from .model import TalkingHead
 
 # %% auto #0

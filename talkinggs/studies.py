@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os
 from pathlib import Path
 import numpy as np
-from .runs import atomic_write_text
+from .bookkeeping import atomic_write_text
 from .ablation import check_rows, run_jobs, write_table, read_rows, fill_lip_metrics, _fmt
 
 # %% auto #0
@@ -77,7 +77,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
     "Train every row on the first 10/15/20 s of one clip, test all on the same unseen tail: fewshot.json, .md and .png."
     out, source = Path(out), Path(source)
     if source.is_file():
-        from talkinggs.dataset import preprocess
+        from talkinggs.preprocess import preprocess
         data = out / "data"
         if not (data / "meta.json").is_file(): preprocess(source, data, cfg=preprocess_cfg, progress=False)
     elif (source / "meta.json").is_file(): data = source

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from .core import psnr, get_device, camera_centers
 from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
-from .runs import atomic_save, atomic_write_text, load_checkpoint, sigterm_as_interrupt
+from .bookkeeping import atomic_save, atomic_write_text, load_checkpoint, sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
-from .frames import FrameStore
+from .clip import FrameStore
 from .model import TalkingHead, load_head, model_store
 from .pose_refine import refine_cameras
 from .torso import Torso, load_torso
@@ -222,7 +222,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
             for t in tqdm(range(n), desc="render", disable=not progress):
                 i = int(track[t])
-                o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background, torso))
+                o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.expr[i], background_for(store, i, background, torso))
                 w.write(o["image"])
                 if t == 9 and n > 250:                                         # long audio: say how long it will take
                     per = (time.time() - t0) / 10
@@ -256,7 +256,7 @@ def stream_frames(renderer: Renderer, store: FrameStore,
             f = audio_windows(buf[int(round(s0 * spf)):int(round(e0 * spf))], e0 - s0, sr, fps, c["audio_kind"], c["audio_dim"])
             feats = torch.from_numpy(f).to(store.device)
             i = int(store.train_idx[mirrored_loop(len(store.train_idx), t + 1)[-1]])
-            o = renderer.frame(feats, t - s0, store.viewmats[i], store.Ks[i], store.e[i], background_for(store, i, background))
+            o = renderer.frame(feats, t - s0, store.viewmats[i], store.Ks[i], store.expr[i], background_for(store, i, background))
             yield to_uint8(o["image"])
             t += 1
 
@@ -348,7 +348,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, device: str = "aut
     for i in tqdm(idx, desc=name, disable=not progress):
         i = int(i)
         fr = store.frame(i)
-        o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], fr["torso_bg"], motion=not static)
+        o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], fr["torso_bg"], motion=not static)
         pred, gt = o["image"], fr["image"]
         lms = np.asarray(store.landmarks[i])
         box = face_box(lms, store.W)

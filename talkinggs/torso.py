@@ -17,8 +17,8 @@ from .gaussians import init_from_points, activate, quat_act, scale_act
 from .rasterize import rasterize
 from .motion_field import mlp, pose_code, POSE_DIM
 from .masks import TORSO, HAIR
-from .runs import atomic_save, load_checkpoint
-from .frames import FrameStore
+from .bookkeeping import atomic_save, load_checkpoint
+from .clip import FrameStore
 from .static_fit import StaticFitConfig
 
 # %% auto #0

@@ -165,7 +165,7 @@ def model_traces(head, store,                    # a trained TalkingHead and its
     d, renders, gts = [], [], []
     for i in idx:
         i = int(i); fr = store.frame(i)
-        o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], fr["torso_bg"])
+        o = r.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], fr["torso_bg"])
         d.append(torch.cat([o["face_delta"], o.get("mouth_delta", mu_m)]).cpu()[keep])   # [K, 3]
         renders.append(_small(o["image"], size)); gts.append(_small(fr["image"], size))
     sr = int(store.meta["sample_rate"])

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import seed_everything, get_device, psnr, project_points, camera_centers
-from .runs import (atomic_save, atomic_write_text, load_checkpoint, remove_partial_saves,
+from .bookkeeping import (atomic_save, atomic_write_text, load_checkpoint, remove_partial_saves,
                             save_on_stop, MetricsLog, plot_metrics, versions, data_checksum)
 from .gaussians import rgb_to_sh0, opacity_inv, sh_degree_of
 from .static_fit import ssim, StaticFitConfig, make_optimizers, make_strategy
@@ -21,7 +21,7 @@ from .sampling import WindowRule, IncrementalSampler
 from .masks import MOUTH
 from .lip_term import lip_landmark_targets, lip_landmark_loss, lip_patch_boxes, lip_patch_l1
 from .metrics import lpips_or_none
-from .frames import FrameStore
+from .clip import FrameStore
 from .motion_field import POSE_DIM
 from .train_config import TrainConfig, PRESETS, resolve_iterations, cpu_demo_train_config
 from .model import TalkingHead, Branch, head_from_store, head_geometry, head_state, load_head, set_splats, model_store
@@ -163,7 +163,7 @@ class FaceRules(BranchRules):
     def motion_loss(self, head, store, j, audio, cfg, viewmat, d_points=None):
         if self.lips is None: return None
         return cfg.lip_landmark_weight * lip_landmark_loss(head.face.motion, self.lips["points"], self.lips["targets"][j],
-                                                           self.lips["width"], audio, store.e[j], viewmat, store.Ks[j], d_points)
+                                                           self.lips["width"], audio, store.expr[j], viewmat, store.Ks[j], d_points)
 
 class MouthRules(BranchRules):
     "The inside of the mouth: frames where it shows, the AU25 window, masked loss + coverage + spill, kept in its box."
@@ -267,7 +267,7 @@ def train_branch(head: TalkingHead, store: FrameStore, branch: str, cfg: TrainCo
             mask = torch.stack([fr[b.mask] for fr in frs])                        # [B, H, W] bool
             target = torch.stack([fr["image"] for fr in frs]) * mask[..., None]  # [B, H, W, 3] black outside
             audio = head.audio_code(b, store.audio, j) if motion else None
-            params = b.deformed(audio, store.e[j], vm[0].detach(), extra=rules.points() if motion else None)
+            params = b.deformed(audio, store.expr[j], vm[0].detach(), extra=rules.points() if motion else None)
             delta, d_points = params.pop("_delta", None), params.pop("_extra", None)
             deg = min(step // cfg.sh_interval, sh_degree_of(splats))
             ti = torch.as_tensor(js, device=dev)
@@ -389,7 +389,7 @@ def train_fused(head: TalkingHead, store: FrameStore, cfg: TrainConfig, run_dir:
                 j = int(store.train_idx[torch.randint(len(store.train_idx), (1,), generator=gen)])
                 fr = store.frame(j)
                 with torch.no_grad():                                                  # geometry is fixed in stage 3
-                    deformed = {b.name: b.deformed(head.audio_code(b, store.audio, j), store.e[j], store.viewmats[j]) for b in head.branches}
+                    deformed = {b.name: b.deformed(head.audio_code(b, store.audio, j), store.expr[j], store.viewmats[j]) for b in head.branches}
                 layers = []
                 for b in head.branches:
                     d = {k: v for k, v in deformed[b.name].items() if k != "_delta"}

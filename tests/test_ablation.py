@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from talkinggs.ablation import ROWS, Row, ablate, row_config, read_rows
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from talkinggs.data import SAMPLES, find_sample, sha256sum, repo_root
+from talkinggs.samples import SAMPLES, find_sample, sha256sum, repo_root
 from talkinggs.video import VideoError, ffmpeg_exe, probe_video
-from talkinggs.dataset import preprocess, TalkingDataset, PreprocessConfig
+from talkinggs.preprocess import preprocess, PreprocessConfig
+from talkinggs.clip import TalkingDataset
 from talkinggs.features import align_length, load_openface_aus, AU_NAMES
 
 KATIE = find_sample("hdtf_katie_8s.mp4")
@@ -299,7 +300,7 @@ def test_face_alignment_on_katie_first_frame():
 
 def test_get_sample_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     "A sample not on this machine is fetched into the cache, checked by sha256; a bad download never lands there."
-    import talkinggs.data as D
+    import talkinggs.samples as D
     src = tmp_path / "remote.bin"; src.write_bytes(b"a sample clip" * 100)
     monkeypatch.setenv("TALKINGGS_DATA", str(tmp_path / "empty")); monkeypatch.setenv("TALKINGGS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(D.SAMPLES, "test_only_clip.bin", dict(url=src.as_uri(), sha256=D.sha256sum(src), facts="test"))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import cpu_demo_train_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py

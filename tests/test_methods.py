@@ -6,8 +6,8 @@ import json, subprocess, sys
 import pytest
 import torch
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import cpu_demo_train_config, train
 from talkinggs.model import load_head, model_store, METHODS
 from talkinggs.synthesize import Renderer, FastRenderer, evaluate, render_video
@@ -36,8 +36,8 @@ def test_method_trains_renders_evaluates(clip, tmp_path, method):
     ref, fast = Renderer(head), FastRenderer(head)
     bg = store.frame(0)["torso_bg"]
     for i in (0, store.n - 1):
-        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
-        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], bg)
+        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], bg)
         assert (a["image"] - b["image"]).abs().max() < 1e-6 and "mouth" not in a
     rep = evaluate(run, device="cpu", video=False, progress=False)
     assert rep["summary"]["psnr_head"] > 5 and (run / "eval" / "report.json").exists()
@@ -51,7 +51,7 @@ def test_method_trains_renders_evaluates(clip, tmp_path, method):
     assert tr.d_means.shape[:2] == (3, len(tr.means)) and (tr.branch == 0).all() and tr.regions["teeth"].sum() == 0
     if method == "gaussiantalker":                                   # the one method whose motion changes colour and opacity
         with torch.no_grad():
-            d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.e[5], store.viewmats[5])
+            d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.expr[5], store.viewmats[5])
         assert d["d_sh0"].abs().max() > 0 and d["d_opacities"].abs().max() > 0
 
 

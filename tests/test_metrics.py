@@ -10,7 +10,7 @@ import pytest
 import soundfile
 import torch
 
-from talkinggs.data import find_sample, repo_root
+from talkinggs.samples import find_sample, repo_root
 from talkinggs.landmarks import BackendUnavailable, INNER_LIP, OUTER_LIP
 from talkinggs.video import ffmpeg_exe, iter_frames, probe_video
 from talkinggs.core import to_uint8

@@ -3,8 +3,8 @@ CPU processes) give the same model as training them one after the other."""
 import pytest
 import torch
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import train, cpu_demo_train_config
 from talkinggs.model import load_head
 

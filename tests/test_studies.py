@@ -5,9 +5,9 @@ import json, subprocess, sys
 import numpy as np
 import pytest
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
-from talkinggs.frames import FrameStore
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
+from talkinggs.clip import FrameStore
 from talkinggs.studies import fewshot, fewshot_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")

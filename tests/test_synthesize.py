@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
-from talkinggs.frames import FrameStore
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
+from talkinggs.clip import FrameStore
 from talkinggs.train import train, cpu_demo_train_config
 from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, evaluate, drive_track,
                                   audio_features, background_for)
@@ -87,7 +87,7 @@ def test_stream_matches_offline(trained):
     feats = torch.from_numpy(audio_features(wav, meta)[0])
     r = Renderer(head, backend="torch")
     track = drive_track(store, n)
-    offline = [to_uint8(r.frame(feats, t, store.viewmats[int(i)], store.Ks[int(i)], store.e[int(i)],
+    offline = [to_uint8(r.frame(feats, t, store.viewmats[int(i)], store.Ks[int(i)], store.expr[int(i)],
                                 background_for(store, int(i)))["image"]) for t, i in enumerate(track)]
     chunks = np.array_split(wav, len(wav) // 1600)
     streamed = list(stream_frames(r, store, chunks))
@@ -101,7 +101,7 @@ def test_evaluate_reports(trained):
     rep = evaluate(run, device="cpu", progress=False)
     s = rep["summary"]
     assert {"psnr", "psnr_head", "ssim_face"} <= set(s)
-    from talkinggs.frames import FrameStore
+    from talkinggs.clip import FrameStore
     from talkinggs.core import psnr
     import cv2
     store = FrameStore(data, "cpu", progress=False)
@@ -188,8 +188,8 @@ def _fast_vs_reference(run, device: str, ends: bool = False) -> tuple[float, obj
     bg = store.frame(0)["torso_bg"]
     worst = 0.0
     for i in (0, store.n // 2, store.n - 1) if ends else range(0, store.n, max(1, store.n // 10)):
-        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
-        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i], bg)
+        a = ref.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], bg)
+        b = fast.frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i], bg)
         worst = max(worst, *((a[k] - b[k]).abs().max().item() for k in ("image", "alpha", "face", "mouth")))
     return worst, fast
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from talkinggs.data import repo_root
-from talkinggs.dataset import preprocess, PreprocessConfig
+from talkinggs.samples import repo_root
+from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.landmarks import INNER_LIP, OUTER_LIP, FOREHEAD, CHIN, RIGID
-from talkinggs.frames import FrameStore
+from talkinggs.clip import FrameStore
 from talkinggs.model import load_head, head_state, head_from_store, head_geometry
-from talkinggs.runs import read_metrics
+from talkinggs.bookkeeping import read_metrics
 from talkinggs.train import TrainConfig, cpu_demo_train_config, train
 from talkinggs.lip_term import lip_landmark_targets, LIP_POINTS
 from talkinggs.core import project_points
@@ -72,7 +72,7 @@ def test_head_state_round_trip_renders_equal(clip):
     sd, sd2 = head.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     for t in (0, 40, store.n - 1):
-        args = (store.viewmats[t], store.Ks[t], store.audio, t, store.e[t])
+        args = (store.viewmats[t], store.Ks[t], store.audio, t, store.expr[t])
         with torch.no_grad():
             a, b = head.render(*args, background=store.frame(t)["torso_bg"]), back.render(*args, background=store.frame(t)["torso_bg"])
         assert (a["face"] - head.render(*args, motion=False)["face"]).abs().max() > 0   # the motion does something
@@ -136,8 +136,8 @@ def test_pose_conditioned_head_trains_saves_and_renders(clip, tmp_path):
     store = FrameStore(clip, "cpu", progress=False)
     i = int(store.test_idx[0])
     with torch.no_grad():
-        a = Renderer(back, backend="torch").frame(store.audio, i, store.viewmats[i], store.Ks[i], store.e[i])
-        b = back.render(store.viewmats[i], store.Ks[i], store.audio, i, store.e[i], backend="torch")
+        a = Renderer(back, backend="torch").frame(store.audio, i, store.viewmats[i], store.Ks[i], store.expr[i])
+        b = back.render(store.viewmats[i], store.Ks[i], store.audio, i, store.expr[i], backend="torch")
     assert torch.allclose(a["image"], b["image"], atol=1e-5)                        # cached path = plain path
 
 
@@ -230,7 +230,7 @@ def lip_drop(head, store, sigma: float = 0.25) -> np.ndarray:
         w = op * np.exp(-d2 / (2 * s * s)); return w / w.sum()
     w = weights(LOWER_LIP) - weights(RIGID)
     h = head.face.motion.encoder(head.face.splats["means"])
-    return np.array([float(w @ (head.face.motion.decode(h, head.audio_code(head.face, store.audio, t), store.e[t])["d_means"]
+    return np.array([float(w @ (head.face.motion.decode(h, head.audio_code(head.face, store.audio, t), store.expr[t])["d_means"]
                                 .double().numpy() @ down)) for t in range(store.n)])
 
 

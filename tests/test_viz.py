@@ -254,8 +254,8 @@ def test_retrain_panel_button_runs_and_updates(clip):
 
 # ---------------------------------------------------------------- a trained head (chapter 30) in the explorer
 def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
-    from talkinggs.data import repo_root
-    from talkinggs.dataset import preprocess, PreprocessConfig
+    from talkinggs.samples import repo_root
+    from talkinggs.preprocess import preprocess, PreprocessConfig
     from talkinggs.train import train, cpu_demo_train_config
     from talkinggs.model import model_store
     from talkinggs.traces import model_traces, save_traces, load_traces, lip_gap_correlation
