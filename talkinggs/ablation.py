@@ -12,12 +12,14 @@ import torch
 
 from .core import get_device
 from .bookkeeping import atomic_write_text, versions
-from .train import TrainConfig, train
+from .train_config import TrainConfig
+from .model import METHODS
+from .train import train
 from .synthesize import evaluate
 
 # %% auto #0
-__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'expand_rows', 'row_config', 'run_row', 'check_rows', 'run_jobs',
-           'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'run_row', 'check_rows',
+           'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -26,6 +28,11 @@ class Row:
     cause: str                                     # what it tests, in a sentence
     changes: dict = field(default_factory=dict)    # TrainConfig fields that differ from the defaults
 
+def method_rows(group: str) -> list[Row]:
+    "The rows that swap in another method of a row group (each method's record in chapter 25 names its row)."
+    return [Row(m.row, f"the method: {m.summary} (chapter {m.chapter})", dict(method=m.name))
+            for m in METHODS.values() if m.row and m.group == group]
+
 ROWS: dict[str, Row] = {r.name: r for r in [
     Row("baseline", "today's defaults"),
     Row("pose_joint", "registration: the face branch keeps correcting every training camera (upper face only)",
@@ -33,8 +40,8 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("pose_cond", "motion that is not speech: the face field also sees the head pose (GaussianTalker)",
         dict(pose_cond=True)),
     Row("tg_density", "density control nearer TalkingGaussian's code: SH degree 2, position lr and split size / 5, "
-        "densify until 80 %, prune below opacity 0.05", dict(sh_degree=2, means_lr=3.2e-5, grow_scale3d=0.002,
-                                                             densify_until=0.8, prune_opa=0.05)),
+        "densify until 80 %, prune below opacity 0.05",
+        dict(sh_degree=2, means_lr=3.2e-5, grow_scale3d=0.002, densify_until=0.8, prune_opa=0.05)),
     Row("random_bg", "the mouth: the face is trained over a random colour, so opaque black face Gaussians inside the "
         "mouth cost as much as any wrong pixel (they hide the inside-mouth branch)", dict(random_bg=True)),
     Row("random_bg_pose_cond", "random_bg and pose_cond together", dict(random_bg=True, pose_cond=True)),
@@ -43,20 +50,17 @@ ROWS: dict[str, Row] = {r.name: r for r in [
         dict(alpha_weight=0.01)),
     Row("pose_long", "registration: stage 0 three times as long", dict(pose_iters=6000)),
     Row("static_warmup_long", "a longer static warm-up (half of each branch)", dict(warmup_frac=0.5)),
-    Row("gstalker", "the method: GSTalker's one hash-grid deformation field for the whole head (chapter 22a)",
-        dict(method="gstalker")),
-    Row("gaussiantalker", "the method: GaussianTalker's tri-plane attributes and spatial-audio attention (chapter 22b)",
-        dict(method="gaussiantalker")),
-    Row("table4_appearance", "TalkingGaussian Table 4: the face field changes colour and opacity instead of moving Gaussians",
-        dict(method="talkinggaussian_appearance")),
-    Row("table4_one_field", "TalkingGaussian Table 4: no face-mouth decomposition, one field moves the whole head",
-        dict(method="talkinggaussian_one_field")),
-    Row("table4_no_is", "TalkingGaussian Table 4: no incremental sampling, frames drawn uniformly", dict(incremental_sampling=False)),
+    *method_rows("methods"),
+    *method_rows("table4"),
+    Row("table4_no_is", "TalkingGaussian Table 4: no incremental sampling, frames drawn uniformly",
+        dict(incremental_sampling=False)),
 ]}
 
 ROW_GROUPS = {   # a name that stands for several rows
-    "table4": ["baseline", "table4_appearance", "table4_one_field", "table4_no_is"],   # TalkingGaussian's ablation (Table 4)
-    "methods": ["baseline", "gstalker", "gaussiantalker"],                            # the three methods side by side
+    # TalkingGaussian's ablation (Table 4)
+    "table4": ["baseline", *(r.name for r in method_rows("table4")), "table4_no_is"],
+    # the three methods side by side
+    "methods": ["baseline", *(r.name for r in method_rows("methods"))],
 }
 
 def expand_rows(rows: list[str]) -> list[str]:

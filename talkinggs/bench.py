@@ -13,7 +13,8 @@ from .gaussians import init_from_points, activate
 from .rasterize import rasterize, gsplat_available
 from .clip import FrameStore
 from .model import head_from_store, model_store
-from .train import TrainConfig, train_branch
+from .train_config import TrainConfig
+from .branch_stage import train_branch
 from .synthesize import load_run, Renderer
 
 # %% auto #0

@@ -4,26 +4,52 @@
 
 # %% ../nbs/99_cli.ipynb #d5b6690d
 from __future__ import annotations
-import json, sys, time
+import dataclasses, json, sys, time
 from pathlib import Path
 from fastcore.script import anno_parser, call_parse, Param, store_true
 
 # %% auto #0
-__all__ = ['COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli', 'ablate_cli',
-           'study_cli', 'main']
+__all__ = ['DEVICE', 'QUIET', 'VERBOSE', 'DATA', 'DATA_OF_RUN', 'RUN', 'CONFIG', 'ROWS', 'SEEDS', 'DEVICES', 'LIP', 'BENCHMARKS',
+           'COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli',
+           'ablate_cli', 'study_cli', 'main']
+
+# %% ../nbs/99_cli.ipynb #38cb2ec0
+DEVICE = Param("auto, cpu, cuda or cuda:N", str)
+QUIET = Param("no progress bars", store_true)
+VERBOSE = Param("also show mediapipe's native log lines (TF Lite, absl)", store_true)
+DATA = Param("preprocessed data folder (talkinggs preprocess)", str)
+DATA_OF_RUN = Param("data folder (default: the one the run was trained on)", str)
+RUN = Param("run folder (talkinggs train)", str)
+CONFIG = Param("TrainConfig fields, name=value,... (e.g. face_iters=6000,torso_iters=0; typed like the fields)", str)
+ROWS = Param("comma-separated row names or groups (chapter 33: table4, methods; talkinggs ablate --list_rows)", str)
+SEEDS = Param("comma-separated seeds", str)
+DEVICES = Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str)
+LIP = Param("only fill in LMD and mouth-opening correlation from the saved renders and rewrite the tables", store_true)
+
+def _fail(cmd: str, e: Exception | str):
+    "One line on stderr, exit status 2."
+    print(f"talkinggs {cmd}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+def _numbers(text: str, kind: type, what: str) -> tuple:
+    "Comma-separated numbers of a flag ('0,1,2'), or a ValueError naming the flag."
+    try: return tuple(kind(x) for x in text.split(","))
+    except ValueError: raise ValueError(f"{what} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+def _methods() -> str:
+    "The methods' names for --help (chapter 25's records; read when the parser is built)."
+    from talkinggs.model import method_help
+    return method_help()
 
 # %% ../nbs/99_cli.ipynb #2176eff0
-def _fail(cmd: str, e: Exception):
-    print(f"talkinggs {cmd}: error: {e}", file=sys.stderr); sys.exit(2)
-
 @call_parse
 def preprocess_cli(video: Param("input talking-head video, or the name of a sample clip (e.g. hdtf_katie_8s.mp4)", str),
                    out: Param("output folder (default: ./<video name>)", str) = None,
                    audio: Param("audio file to use instead of the video's audio track", str) = None,
                    size: Param("output frame side in pixels", int) = 512,
                    overwrite: Param("replace an existing output folder", store_true) = False,
-                   quiet: Param("no progress bars", store_true) = False,
-                   verbose: Param("also show mediapipe's native log lines (TF Lite, absl)", store_true) = False):
+                   quiet: QUIET = False,
+                   verbose: VERBOSE = False):
     "Preprocess VIDEO into a talkinggs training folder (offline, CPU)."
     from talkinggs.samples import SAMPLES, get_sample
     from talkinggs.preprocess import preprocess, PreprocessConfig
@@ -31,84 +57,98 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
     from talkinggs.landmarks import quiet_native_logs
     out = out or Path(video).stem
     try:
-        if not Path(video).exists() and video in SAMPLES: video = get_sample(video)   # data folders, else a checked download
+        if not Path(video).exists() and video in SAMPLES: video = get_sample(video)   # data folders, else a download
         with quiet_native_logs(False if verbose else None):
-            p = preprocess(video, out, audio=audio, cfg=PreprocessConfig(size=size), overwrite=overwrite, progress=not quiet)
+            cfg = PreprocessConfig(size=size)
+            p = preprocess(video, out, audio=audio, cfg=cfg, overwrite=overwrite, progress=not quiet)
     except (VideoError, FileExistsError, FileNotFoundError, IOError, ValueError) as e: _fail("preprocess", e)
     m = json.loads((p / "meta.json").read_text())
     print(f"{p}: {m['n_frames']} frames, landmarks in {m['landmarks_found']:.1%}, reprojection RMS "
           f"{m['reprojection_rms_px']:.2f} px, {m['seconds']['total']:.1f} s")
 
 # %% ../nbs/99_cli.ipynb #9f2abf62
+def _train_config(out: str, resume: bool, changes: dict):
+    "The config `train` gets: the settings given; on --resume the run's own with the given ones over it (None: none)."
+    from talkinggs.train_config import TrainConfig
+    from talkinggs.run import saved_config
+    if resume and (Path(out) / "config.json").exists():
+        return dataclasses.replace(saved_config(out), **changes) if changes else None
+    return TrainConfig(**changes)
+
 @call_parse
-def train_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str),
+def train_cli(data: DATA,
               out: Param("run folder to create (or continue with --resume)", str) = "run",
-              preset: Param("fast or paper", str) = "fast",
-              method: Param("talkinggaussian, gstalker or gaussiantalker (chapters 22, 22a, 22b)", str) = "talkinggaussian",
-              resume: Param("continue the run in OUT from its checkpoints", store_true) = False,
+              preset: Param("fast or paper (default: fast)", str) = None,
+              method: Param(f"{_methods()} (default: talkinggaussian)", str) = None,
+              resume: Param("continue the run in OUT from its checkpoints, with its own settings", store_true) = False,
               parallel: Param("train face and mouth branches on two GPUs at once", store_true) = False,
-              device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
-              face_iters: Param("face-branch iterations (0: from the preset)", int) = 0,
-              mouth_iters: Param("mouth-branch iterations (0: from the preset)", int) = 0,
-              fused_iters: Param("fused-stage iterations (0: from the preset)", int) = 0,
-              ckpt_every: Param("iterations between checkpoints", int) = 1000,
-              config: Param("more TrainConfig fields, name=value,... (e.g. pose_iters=500,torso_iters=0)", str) = None,
-              quiet: Param("no progress bars", store_true) = False):
-    "Train a talking head on a preprocessed clip (three stages; checkpoints; --resume)."
+              device: DEVICE = "auto",
+              face_iters: Param("face-branch iterations (default: from the preset)", int) = None,
+              mouth_iters: Param("mouth-branch iterations (default: from the preset)", int) = None,
+              fused_iters: Param("fused-stage iterations (default: from the preset; 0: none)", int) = None,
+              ckpt_every: Param("iterations between checkpoints (default: 1000)", int) = None,
+              config: CONFIG = None,
+              quiet: QUIET = False):
+    "Train a talking head on a preprocessed clip (stage 0, branches, fused stage; checkpoints; --resume)."
     from talkinggs.bookkeeping import Interrupted
-    from talkinggs.train import TrainConfig, train
-    from talkinggs.model import METHODS
-    if method not in METHODS: _fail("train", ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}"))
+    from talkinggs.train import train
     from talkinggs.train_config import parse_changes
-    try: changes = parse_changes(config)                                 # typed, unknown names refused
-    except ValueError as e: _fail("train", e)
-    cfg = TrainConfig(**(dict(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters,
-                              fused_iters=fused_iters, ckpt_every=ckpt_every) | changes))
+    flags = dict(preset=preset, method=method, face_iters=face_iters, mouth_iters=mouth_iters,
+                 fused_iters=fused_iters, ckpt_every=ckpt_every)
+    t0 = time.time()
     try:
-        t0 = time.time()
-        train(data, out, cfg, device=device, resume=resume, parallel=parallel, progress=not quiet)
-    except Interrupted as e: print(f"talkinggs train: {e}", file=sys.stderr); sys.exit(130)
+        changes = {k: v for k, v in flags.items() if v is not None} | parse_changes(config)   # typed, names checked
+        train(data, out, _train_config(out, resume, changes), device=device, resume=resume, parallel=parallel,
+              progress=not quiet)
+    except Interrupted as e:
+        print(f"talkinggs train: {e}", file=sys.stderr)
+        sys.exit(130)
     except (FileNotFoundError, FileExistsError, ValueError) as e: _fail("train", e)
     print(f"{out}: model.pt, metrics.csv, loss.png ({time.time() - t0:.0f} s)")
 
 @call_parse
-def render_cli(run: Param("run folder (talkinggs train)", str),
+def render_cli(run: RUN,
                out: Param("output mp4", str) = "out.mp4",
-               audio: Param("audio or video file (or a sample's name) to drive the head (default: the training clip's audio)", str) = None,
-               data: Param("data folder (default: the one the run was trained on)", str) = None,
-               background: Param("torso, plate, white, black, or model (GSTalker's torso Gaussians)", str) = "torso",
-               device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
-               quiet: Param("no progress bar", store_true) = False):
+               audio: Param("audio or video file (or a sample's name) to drive the head (default: the clip's own)",
+                            str) = None,
+               data: DATA_OF_RUN = None,
+               background: Param("torso, plate, white, black, or model (a method's own torso layer)", str) = "torso",
+               device: DEVICE = "auto",
+               quiet: QUIET = False):
     "Render a talking-head video driven by any audio, audio muxed in."
     from talkinggs.synthesize import render_video
     from talkinggs.samples import SAMPLES, get_sample
     try:
-        if audio and not Path(audio).exists() and audio in SAMPLES: audio = str(get_sample(audio))   # a sample's name
+        if audio and not Path(audio).exists() and audio in SAMPLES: audio = str(get_sample(audio))   # a sample
         r = render_video(run, out, audio, data, background, device, progress=not quiet)
-    except KeyboardInterrupt: print(f"talkinggs render: interrupted; {out} was not written", file=sys.stderr); sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"talkinggs render: interrupted; {out} was not written", file=sys.stderr)
+        sys.exit(130)
     except (FileNotFoundError, ValueError, IOError) as e: _fail("render", e)
     print(f"{out}: {r['frames']} frames in {r['seconds']:.1f} s")
 
 @call_parse
-def eval_cli(run: Param("run folder (talkinggs train)", str),
-             data: Param("data folder (default: the one the run was trained on)", str) = None,
+def eval_cli(run: RUN,
+             data: DATA_OF_RUN = None,
              static: Param("switch the motion fields off (canonical head)", store_true) = False,
              lmd_only: Param("add LMD to an existing report from its saved renders", store_true) = False,
              tracked: Param("use the test frames' tracked poses as they are (no rigid correction)", store_true) = False,
              split: Param("test (held-out frames) or train (frames it was trained on)", str) = "test",
              no_video: Param("skip the side-by-side video", store_true) = False,
              sync: Param("instead: mouth-opening vs audio-energy correlation of this video", str) = None,
-             device: Param("auto, cpu, cuda or cuda:N", str) = "auto",
-             quiet: Param("no progress bar", store_true) = False,
-             verbose: Param("also show mediapipe's native log lines (TF Lite, absl)", store_true) = False):
+             device: DEVICE = "auto",
+             quiet: QUIET = False,
+             verbose: VERBOSE = False):
     "Self-driven evaluation on the test split (report.json, renders, side-by-side video), or --sync VIDEO."
-    from talkinggs.synthesize import evaluate, mouth_audio_sync
+    from talkinggs.evaluate import evaluate, mouth_audio_sync
+    from talkinggs.landmarks import quiet_native_logs
     try:
-        if sync: print(json.dumps(mouth_audio_sync(sync))); return
-        from talkinggs.landmarks import quiet_native_logs
+        if sync:
+            print(json.dumps(mouth_audio_sync(sync)))
+            return
         with quiet_native_logs(False if verbose else None):
-            rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked, progress=not quiet,
-                           split=split)
+            rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked,
+                           progress=not quiet, split=split)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("eval", e)
     print(json.dumps(rep["summary"], indent=1))
     if "head_share" in rep: print(f"the head covers {rep['head_share']:.0%} of the frame; LMD over {rep['lmd_set']}")
@@ -116,8 +156,10 @@ def eval_cli(run: Param("run folder (talkinggs train)", str),
         if rep.get(k): print("note:", rep[k])
 
 # %% ../nbs/99_cli.ipynb #c11178e3
+BENCHMARKS = ("render", "motion", "train", "infer", "report")   # what `talkinggs bench` measures
+
 @call_parse
-def bench_cli(what: Param("what to benchmark: render, motion, train, infer or report", str),
+def bench_cli(what: Param(f"what to benchmark: {', '.join(BENCHMARKS)}", str),
               path: Param("data folder (train, report) or run folder (infer)", str) = "",
               out: Param("report: folder for the run and bench.json", str) = "bench",
               video: Param("report: also time preprocessing this video into --path", str) = "",
@@ -128,39 +170,37 @@ def bench_cli(what: Param("what to benchmark: render, motion, train, infer or re
               device: Param("auto, cpu or cuda", str) = "auto",
               repeats: Param("timed repeats per measurement", int) = 5):
     "Run a benchmark and print its table."
-    from talkinggs.bench import bench_render
-    counts = tuple(int(x) for x in ns.split(",")) if ns else None
-    if what == "render":
-        bench_render(ns=counts or (10_000, 100_000, 300_000), size=size,
-                     backends=backends.split(",") if backends else None, device=device, repeats=repeats)
-    elif what == "motion":
-        try:
+    cmd = f"bench {what}"
+    try:
+        if what not in BENCHMARKS: raise ValueError(f"unknown benchmark {what!r}; choose {', '.join(BENCHMARKS)}")
+        counts = _numbers(ns, int, "--ns") if ns else None
+        if what == "render":
+            from talkinggs.bench import bench_render
+            bench_render(ns=counts or (10_000, 100_000, 300_000), size=size,
+                         backends=backends.split(",") if backends else None, device=device, repeats=repeats)
+        elif what == "motion":
             from talkinggs.motion_field import bench_motion
-        except ImportError as e:
-            raise SystemExit(f"talkinggs bench motion: the motion-field module is not available ({e})")
-        bench_motion(**({"n_points": counts} if counts else {}), device="cuda" if device == "auto" else device)
-    elif what in ("train", "infer", "report"):
-        if not path: raise SystemExit(f"talkinggs bench {what}: give --path (a data folder for train and report, a run folder for infer)")
-        from talkinggs.bench import bench_train, bench_infer, bench_report
-        try:
+            bench_motion(**({"n_points": counts} if counts else {}), device="cuda" if device == "auto" else device)
+        else:
+            if not path: raise ValueError("give --path (a data folder for train and report, a run folder for infer)")
+            from talkinggs.bench import bench_train, bench_infer, bench_report
             if what == "report":
                 bench_report(path, out, video=video or None, train=not no_train, device=device, repeats=repeats)
                 print(f"wrote {Path(out) / 'bench.json'}")
             else: (bench_train if what == "train" else bench_infer)(path, device=device)
-        except (FileNotFoundError, FileExistsError, ValueError) as e: _fail(f"bench {what}", e)
-    else:
-        raise SystemExit(f"talkinggs bench: unknown benchmark {what!r}; choose render, motion, train, infer or report")
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e: _fail(cmd, e)
 
 # %% ../nbs/99_cli.ipynb #9cffd9b0
 def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, the video and the report
-         face_iters: int = 500,                 # face-branch iterations (mouth: an eighth, fused: a sixteenth; the CPU test trains 2,000)
+         face_iters: int = 500,                 # face-branch iterations (mouth: an eighth, fused: a sixteenth)
          device: str = "cpu",                   # where to train
          progress: bool = True) -> dict:
     "Preprocess, train, render and evaluate the bundled synthetic head; returns the evaluation summary and the paths."
     from talkinggs.samples import repo_root
     from talkinggs.preprocess import preprocess, PreprocessConfig
     from talkinggs.train import train, cpu_demo_train_config
-    from talkinggs.synthesize import render_video, evaluate
+    from talkinggs.synthesize import render_video
+    from talkinggs.evaluate import evaluate
     out, head = Path(out), repo_root() / "data_samples" / "synthetic_head"
     t0, say = time.time(), (print if progress else (lambda *a: None))
     data = out / "data"
@@ -171,82 +211,89 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
             warnings.filterwarnings("ignore", message="frame size 64 px")
             preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
     say("2/4 train (CPU settings)")
-    cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8), fused_iters=max(5, face_iters // 16))
-    train(data, out / "run", cfg, device=device,
-          resume=(out / "run" / "config.json").exists(), progress=progress)
+    cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8),
+                                fused_iters=max(5, face_iters // 16))
+    train(data, out / "run", cfg, device=device, resume=(out / "run" / "config.json").exists(), progress=progress)
     say("3/4 render, driven by its own speech")
     render_video(out / "run", out / "demo.mp4", audio=head / "speech.wav", device=device, progress=progress)
     say("4/4 evaluate on the test frames (their tracked poses as they are: `talkinggs eval` also corrects them)")
     rep = evaluate(out / "run", device=device, refine=False, progress=progress)
-    return dict(summary=rep["summary"], video=str(out / "demo.mp4"), report=str(out / "run" / "eval_tracked" / "report.json"),
-                seconds=time.time() - t0)
+    return dict(summary=rep["summary"], video=str(out / "demo.mp4"),
+                report=str(out / "run" / "eval_tracked" / "report.json"), seconds=time.time() - t0)
 
 @call_parse
 def demo_cli(out: Param("folder for the data, the run, the video and the report", str) = "talkinggs_demo",
              face_iters: Param("face-branch iterations", int) = 500,
-             quiet: Param("no progress bars", store_true) = False):
+             quiet: QUIET = False):
     "The whole job on the bundled synthetic head, on a CPU: preprocess, train, render, evaluate."
-    r = demo(out, face_iters, "cpu", not quiet)
+    from talkinggs.bookkeeping import Interrupted
+    try: r = demo(out, face_iters, "cpu", not quiet)
+    except Interrupted as e:
+        print(f"talkinggs demo: {e} (run the same command again)", file=sys.stderr)
+        sys.exit(130)
+    except (FileNotFoundError, FileExistsError, ValueError) as e: _fail("demo", e)
     s = r["summary"]
-    print(f"{r['video']} and {r['report']} in {r['seconds']:.0f} s: PSNR {s['psnr']:.2f} dB, in the head {s['psnr_head']:.2f} dB")
+    print(f"{r['video']} and {r['report']} in {r['seconds']:.0f} s: PSNR {s['psnr']:.2f} dB, "
+          f"in the head {s['psnr_head']:.2f} dB")
 
 # %% ../nbs/99_cli.ipynb #c17dbdc3
 @call_parse
 def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", str, nargs="?"),
-               out: Param("ablation folder: a run folder and row.json per row and seed, ablation.md/.json", str) = "ablation",
-               rows: Param("comma-separated row names or groups: table4, methods (default: all; see --list_rows)", str) = None,
-               seeds: Param("comma-separated seeds", str) = "0",
-               devices: Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str) = None,
-               config: Param("TrainConfig fields for every run, e.g. face_iters=6000,mouth_iters=3000 (typed like the fields)", str) = None,
-               lip: Param("only fill in LMD and mouth-opening correlation from the saved renders", store_true) = False,
+               out: Param("ablation folder: a run folder and row.json per row and seed, ablation.md/.json",
+                          str) = "ablation",
+               rows: ROWS = None,
+               seeds: SEEDS = "0",
+               devices: DEVICES = None,
+               config: CONFIG = None,
+               lip: LIP = False,
                list_rows: Param("print the rows and what each tests", store_true) = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
-    from talkinggs.ablation import ROWS, ROW_GROUPS, ablate, fill_lip_metrics
+    from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics
     from talkinggs.train_config import parse_changes
     if list_rows:
-        for r in ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
+        for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
         return
     try:
         if lip: fill_lip_metrics(out, data)
         else:
             if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
-            ablate(data, out, rows.split(",") if rows else None, tuple(int(s) for s in seeds.split(",")),
+            ablate(data, out, rows.split(",") if rows else None, _numbers(seeds, int, "--seeds"),
                    devices.split(",") if devices else None, parse_changes(config) or None)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
 
 # %% ../nbs/99_cli.ipynb #26aec522
 @call_parse
-def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or fewshot (10 / 15 / 20 s of one video)", str),
+def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or fewshot (10 / 15 / 20 s of one video)",
+                          str),
               source: Param("ablation: a preprocessed clip; fewshot: a video or a preprocessed clip", str, nargs="?"),
               out: Param("study folder", str) = "study",
-              rows: Param("rows or groups (chapter 33; default: table4 for ablation, methods for fewshot)", str) = "",
-              seeds: Param("comma-separated seeds", str) = "0",
-              devices: Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str) = None,
-              config: Param("TrainConfig fields for every run, e.g. face_iters=6000,mouth_iters=3000 (typed like the fields)", str) = None,
+              rows: ROWS = None,
+              seeds: SEEDS = "0",
+              devices: DEVICES = None,
+              config: CONFIG = None,
               lengths: Param("fewshot: training lengths in seconds", str) = "10,15,20",
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
-              lip: Param("only fill in LMD from the saved renders and rewrite the tables", store_true) = False):
+              lip: LIP = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
     from talkinggs.ablation import ablate, fill_lip_metrics
     from talkinggs.train_config import parse_changes
     from talkinggs.studies import fewshot, write_fewshot
-    sd, devs = tuple(int(s) for s in seeds.split(",")), devices.split(",") if devices else None
     try:
+        sd, devs = _numbers(seeds, int, "--seeds"), devices.split(",") if devices else None
         base = parse_changes(config) or None
         if what == "ablation":
-            rws = rows.split(",") if rows else ["table4"]
             if lip: fill_lip_metrics(out, source)                  # rewrites the table too
             else:
                 if source is None: raise ValueError("give the preprocessed clip the rows train on")
-                ablate(source, out, rws, sd, devs, base)
+                ablate(source, out, rows.split(",") if rows else ["table4"], sd, devs, base)
             print(Path(out, "ablation.md").read_text())
         elif what == "fewshot":
             if lip: write_fewshot(out, lip=True)
             else:
                 if source is None: raise ValueError("give the video (or preprocessed clip) of the study")
-                fewshot(source, out, tuple(float(x) for x in lengths.split(",")), test_seconds,
+                fewshot(source, out, _numbers(lengths, float, "--lengths"), test_seconds,
                         rows.split(",") if rows else ["methods"], sd, devs, base)
             print(Path(out, "fewshot.md").read_text())
         else: raise ValueError(f"unknown study {what!r}: use ablation or fewshot")
@@ -255,12 +302,15 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
 # %% ../nbs/99_cli.ipynb #461799be
 COMMANDS = {  # sub-command -> (function, one-line help)
     "preprocess": (preprocess_cli, "video -> training folder: `talkinggs preprocess VIDEO --out DIR`"),
-    "train": (train_cli, "training folder -> run folder: `talkinggs train DATA --out RUN [--preset fast|paper] [--resume]`"),
+    "train": (train_cli, "training folder -> run folder: "
+                         "`talkinggs train DATA --out RUN [--preset fast|paper] [--method NAME] [--resume]`"),
     "render": (render_cli, "run -> video: `talkinggs render RUN [--audio new.wav] --out video.mp4`"),
     "eval": (eval_cli, "self-driven metrics on the test split: `talkinggs eval RUN`"),
-    "bench": (bench_cli, "benchmarks: `talkinggs bench render|motion|train|infer`"),
-    "ablate": (ablate_cli, "ablation rows, one per GPU: `talkinggs ablate DATA --rows baseline,random_bg --seeds 0,1,2`"),
-    "study": (study_cli, "studies: `talkinggs study ablation DATA` (Table 4), `talkinggs study fewshot VIDEO` (10/15/20 s)"),
+    "bench": (bench_cli, "benchmarks: `talkinggs bench render|motion|train|infer|report`"),
+    "ablate": (ablate_cli, "ablation rows, one per GPU: "
+                           "`talkinggs ablate DATA --rows baseline,random_bg --seeds 0,1,2`"),
+    "study": (study_cli, "studies: `talkinggs study ablation DATA` (Table 4), "
+                         "`talkinggs study fewshot VIDEO` (10/15/20 s)"),
     "demo": (demo_cli, "the whole job on the bundled synthetic head, on a CPU: `talkinggs demo --out DIR`"),
 }
 
@@ -270,15 +320,23 @@ def _usage() -> str:
     lines += [f"  {name:<12} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
+def _parser(name: str):
+    "A command's parser (fastcore's `anno_parser`) whose usage errors are one line and exit status 2."
+    parser = anno_parser(COMMANDS[name][0], prog=f"talkinggs {name}")
+    parser.error = lambda message: _fail(name, f"{message} (talkinggs {name} --help lists the options)")
+    return parser
+
 def main(argv: list[str] | None = None) -> None:
     "Entry point of the `talkinggs` console script and of `python -m talkinggs`."
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage()); return
+        print(_usage())
+        return
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        raise SystemExit(f"talkinggs: unknown command {name!r}\n\n{_usage()}")
-    fn = COMMANDS[name][0]
-    args = vars(anno_parser(fn, prog=f"talkinggs {name}").parse_args(rest))
+        print(f"talkinggs: error: unknown command {name!r}; commands: {', '.join(COMMANDS)} (talkinggs --help)",
+              file=sys.stderr)
+        sys.exit(2)
+    args = vars(_parser(name).parse_args(rest))
     for extra in ("pdb", "xtra"): args.pop(extra, None)   # fastcore's built-in debugging flags
-    fn(**args)
+    COMMANDS[name][0](**args)

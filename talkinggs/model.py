@@ -5,7 +5,7 @@
 # %% ../nbs/25_model.ipynb #914ededf
 from __future__ import annotations
 import dataclasses
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 import numpy as np
@@ -26,9 +26,9 @@ from .gaussiantalker import gaussiantalker_motion
 from .fusion import fuse_layers, composite_over
 
 # %% auto #0
-__all__ = ['METHODS', 'MotionModel', 'HeadConfig', 'talkinggaussian_motion', 'one_field_motion', 'appearance_motion', 'Branch',
-           'TalkingHead', 'triangulate', 'head_geometry', 'head_from_store', 'head_state', 'set_splats', 'load_head',
-           'model_store']
+__all__ = ['METHODS', 'MotionModel', 'HeadConfig', 'talkinggaussian_motion', 'one_field_motion', 'appearance_motion', 'Method',
+           'method_help', 'Branch', 'TalkingHead', 'triangulate', 'head_geometry', 'head_from_store', 'head_state',
+           'set_splats', 'load_head', 'model_store']
 
 # %% ../nbs/25_model.ipynb #5fa1e5d5
 @runtime_checkable
@@ -78,13 +78,37 @@ def appearance_motion(cfg: HeadConfig, device: str | torch.device = "cpu") -> di
     return talkinggaussian_motion(cfg, device) | dict(face=MotionField(appearance_config(
         bound=cfg.bound, center=cfg.center, audio_dim=cfg.code_dim, expr_dim=cfg.expr_dim, pose_dim=cfg.pose_dim), device))
 
-METHODS: dict[str, Callable[[HeadConfig, str | torch.device], dict[str, MotionModel]]] = {
-    "talkinggaussian": talkinggaussian_motion,   # chapter 22: face and inside-of-mouth fields
-    "talkinggaussian_one_field": one_field_motion,      # Table 4 ablation: no face-mouth decomposition
-    "talkinggaussian_appearance": appearance_motion,    # Table 4 ablation: appearance modification, not deformation
-    "gstalker": gstalker_motion,                 # chapter 22a: one hash-grid deformation field for the head
-    "gaussiantalker": gaussiantalker_motion,     # chapter 22b: tri-plane attributes + spatial-audio attention
-}
+# %% ../nbs/25_model.ipynb #1361f06e
+@dataclass(frozen=True)
+class Method:
+    "Everything one method brings, in one place: motion models, training defaults, extra layers, help, ablation row."
+    name: str                                    # key of METHODS, `TrainConfig.method`, `talkinggs train --method`
+    motion: Callable[[HeadConfig, str | torch.device], dict[str, MotionModel]]   # branch name -> its motion model
+    summary: str                                 # what it is, in a line (CLI help, ablation rows)
+    chapter: str                                 # the chapter that teaches it
+    train: dict = field(default_factory=dict)    # TrainConfig fields it sets where a config leaves them None
+    layers: tuple[str, ...] = ()                 # extra layers it trains and draws ("torso": chapter 22c)
+    row: str = ""                                # its ablation row (chapter 33; "": none)
+    group: str = ""                              # the row group it belongs to: "methods" or "table4"
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("talkinggaussian", talkinggaussian_motion, "TalkingGaussian: face and inside-of-mouth tri-plane fields "
+           "move persistent Gaussians", "22"),
+    Method("gstalker", gstalker_motion, "GSTalker: one hash-grid deformation field for the whole head, and a torso",
+           "22a", train=dict(lip_patch_weight=1.0,   # GSTalker's lip-patch L1 (λ3; its value is not published: ours)
+                             torso_iters=2_000),     # its torso (Eq. 5; iterations ours)
+           layers=("torso",), row="gstalker", group="methods"),
+    Method("gaussiantalker", gaussiantalker_motion, "GaussianTalker: tri-plane attributes moved by spatial-audio "
+           "attention", "22b", row="gaussiantalker", group="methods"),
+    Method("talkinggaussian_appearance", appearance_motion, "TalkingGaussian Table 4: the face field changes colour "
+           "and opacity instead of moving Gaussians", "22", row="table4_appearance", group="table4"),
+    Method("talkinggaussian_one_field", one_field_motion, "TalkingGaussian Table 4: no face-mouth decomposition, one "
+           "field moves the whole head", "22", row="table4_one_field", group="table4"),
+]}
+
+def method_help() -> str:
+    "The methods, for a command's help: name (chapter)."
+    return ", ".join(f"{m.name} (ch. {m.chapter})" for m in METHODS.values())
 
 # %% ../nbs/25_model.ipynb #c2446721
 def _moved(delta: dict, means: torch.Tensor) -> dict:  # means [N, 3]
@@ -138,7 +162,7 @@ class TalkingHead(nn.Module):
                            device=device, generator=g)
         mouth = init_random(mouth_points, side=2 * cfg.mouth_bound, center=cfg.mouth_center, sh_degree=sh_degree,
                             device=device, generator=g)
-        motion = METHODS[cfg.method](cfg, device)
+        motion = METHODS[cfg.method].motion(cfg, device)
         if "face" not in motion or set(motion) - {"face", "mouth"}:
             raise ValueError(f"method {cfg.method!r} must give motion models for 'face' (and optionally 'mouth'), got {sorted(motion)}")
         acfg = AudioEncoderConfig(in_dim=cfg.feat_dim, window=cfg.window, out_dim=cfg.code_dim, self_bias=4.0)

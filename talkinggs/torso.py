@@ -22,8 +22,8 @@ from .clip import FrameStore
 from .static_fit import StaticFitConfig
 
 # %% auto #0
-__all__ = ['TorsoConfig', 'positional_encoding', 'TorsoField', 'Torso', 'init_torso', 'torso_loss', 'store_sample', 'train_torso',
-           'torso_state', 'load_torso', 'torso_stage']
+__all__ = ['TorsoConfig', 'positional_encoding', 'TorsoField', 'Torso', 'init_torso', 'torso_loss', 'store_sample',
+           'torso_optimizer', 'torso_step', 'train_torso', 'torso_state', 'load_torso']
 
 # %% ../nbs/22c_torso.ipynb #32b045a2
 @dataclass
@@ -131,10 +131,11 @@ def torso_loss(rgb: torch.Tensor, alpha: torch.Tensor,   # [H, W, 3] torso over 
                keep: torch.Tensor, torso: torch.Tensor,   # [H, W] bool: pixels scored (not head), torso pixels
                alpha_weight: float) -> torch.Tensor:      # []
     "L1 of torso-over-plate against the frame off the head, plus w·|A − torso mask| there."
-    comp = rgb + (1 - alpha) * plate                                                   # [H, W, 3] over the plate (chapter 23's composite_over)
+    comp = rgb + (1 - alpha) * plate                  # [H, W, 3] over the plate (chapter 23's composite_over)
     k = keep.float()
     n = k.sum().clamp_min(1)
-    return ((comp - image).abs().mean(-1) * k).sum() / n + alpha_weight * ((alpha[..., 0] - torso.float()).abs() * k).sum() / n
+    l1 = ((comp - image).abs().mean(-1) * k).sum() / n
+    return l1 + alpha_weight * ((alpha[..., 0] - torso.float()).abs() * k).sum() / n
 
 def store_sample(store: FrameStore) -> Callable[[int], tuple]:
     "Frame j of a FrameStore as torso training needs it: image, plate, pixels off the head, torso pixels."
@@ -144,24 +145,38 @@ def store_sample(store: FrameStore) -> Callable[[int], tuple]:
         return store.images[j].to(store.device).float() / 255, plate, lab < HAIR, lab == TORSO
     return sample
 
+def torso_optimizer(torso: Torso, cfg: TorsoConfig = TorsoConfig()) -> torch.optim.Adam:
+    "Adam over the torso: 3DGS learning rates for all but the positions (in units of the field's radius) and the MLP."
+    g, s = StaticFitConfig(), torso.splats
+    return torch.optim.Adam([dict(params=[s["means"]], lr=cfg.means_lr * float(torso.field.radius)),
+                             dict(params=[s["scales"]], lr=g.scales_lr), dict(params=[s["quats"]], lr=g.quats_lr),
+                             dict(params=[s["opacities"]], lr=g.opacities_lr), dict(params=[s["sh0"]], lr=g.sh0_lr),
+                             dict(params=torso.field.net.parameters(), lr=cfg.net_lr)])
+
+def torso_step(torso: Torso, opt: torch.optim.Optimizer,
+               sample: Callable[[int], tuple],   # sample(j) -> image, plate, keep, torso mask
+               viewmat: torch.Tensor,            # [4, 4] frame j's head camera
+               j: int, cfg: TorsoConfig = TorsoConfig(), backend: str = "auto") -> torch.Tensor:   # loss []
+    "One optimiser step of the torso on frame j."
+    image, plate, keep, tmask = sample(j)
+    rgb, alpha = torso.render(viewmat, backend=backend)
+    loss = torso_loss(rgb, alpha, image, plate, keep, tmask, cfg.alpha_weight)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
 def train_torso(torso: Torso, sample: Callable[[int], tuple],   # sample(j) -> image, plate, keep, torso mask
                 viewmats: torch.Tensor,                          # [N, 4, 4] every frame's head camera
                 frames: np.ndarray,                              # [F] the frames it trains on
                 iters: int, cfg: TorsoConfig = TorsoConfig(),
                 backend: str = "auto", progress: bool = False) -> list[float]:  # the loss every 25 steps
     "Fit the torso Gaussians and their pose field to the frames off the head (L1 + mask term)."
-    g, s = StaticFitConfig(), torso.splats                                           # 3DGS lrs for all but the positions
-    opt = torch.optim.Adam([dict(params=[s["means"]], lr=cfg.means_lr * float(torso.field.radius)),
-                            dict(params=[s["scales"]], lr=g.scales_lr), dict(params=[s["quats"]], lr=g.quats_lr),
-                            dict(params=[s["opacities"]], lr=g.opacities_lr), dict(params=[s["sh0"]], lr=g.sh0_lr),
-                            dict(params=torso.field.net.parameters(), lr=cfg.net_lr)])
+    opt = torso_optimizer(torso, cfg)
     rng, losses = np.random.default_rng(cfg.seed), []
     for step in tqdm(range(iters), desc="torso", disable=not progress):
         j = int(rng.choice(frames))
-        image, plate, keep, tmask = sample(j)
-        rgb, alpha = torso.render(viewmats[j], backend=backend)
-        loss = torso_loss(rgb, alpha, image, plate, keep, tmask, cfg.alpha_weight)
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        loss = torso_step(torso, opt, sample, viewmats[j], j, cfg, backend)
         if step % 25 == 0 or step == iters - 1: losses.append(loss.item())
     return losses
 
@@ -169,25 +184,14 @@ def train_torso(torso: Torso, sample: Callable[[int], tuple],   # sample(j) -> i
 def torso_state(torso: Torso, cfg: TorsoConfig) -> dict:
     "Everything needed to rebuild the torso (`load_torso`)."
     return dict(cfg=asdict(cfg), splats={k: v.detach().cpu() for k, v in torso.splats.items()},
-                field=torso.field.state_dict(), viewmat=torso.viewmat.cpu(), K=torso.K.cpu(), size=[torso.width, torso.height])
+                field=torso.field.state_dict(), viewmat=torso.viewmat.cpu(), K=torso.K.cpu(),
+                size=[torso.width, torso.height])
 
-def load_torso(path: str | Path, device: str | torch.device = "cpu") -> Torso:
-    "Rebuild a torso saved by `torso_state` (a run's torso.pt)."
-    s = load_checkpoint(Path(path), "cpu")
+def load_torso(path_or_state: str | Path | dict, device: str | torch.device = "cpu") -> Torso:
+    "Rebuild a torso saved by `torso_state` (a run's torso.pt, or the dict itself)."
+    s = path_or_state if isinstance(path_or_state, dict) else load_checkpoint(Path(path_or_state), "cpu")
     cfg = TorsoConfig(**s["cfg"])
     splats = nn.ParameterDict({k: nn.Parameter(v.to(device)) for k, v in s["splats"].items()})
-    field = TorsoField(cfg, device); field.load_state_dict(s["field"])
+    field = TorsoField(cfg, device)
+    field.load_state_dict(s["field"])
     return Torso(splats, field, s["viewmat"].to(device), s["K"].to(device), *s["size"])
-
-def torso_stage(store: FrameStore, out: str | Path,   # the clip with the final cameras; the run folder
-                iters: int,                       # torso iterations (TrainConfig.torso_iters)
-                center, bound: float,             # the head's box (HeadConfig.center, .bound)
-                seed: int = 0, backend: str = "auto", progress: bool = False) -> Path:
-    "Train GSTalker's torso for a run and save it as out/torso.pt (skipped when it exists: resumable)."
-    path = Path(out) / "torso.pt"
-    if path.is_file(): return path
-    cfg = TorsoConfig(seed=seed)
-    torso = init_torso(store, cfg, torch.as_tensor(center, dtype=torch.float32), bound)
-    losses = train_torso(torso, store_sample(store), store.viewmats, store.train_idx, iters, cfg, backend, progress)
-    atomic_save(torso_state(torso, cfg) | dict(losses=losses), path)
-    return path

@@ -143,7 +143,7 @@ def test_pose_conditioned_head_trains_saves_and_renders(clip, tmp_path):
 
 def test_random_background_makes_opaque_black_off_the_face_cost():
     "random_bg: an opaque black render where the face mask is off (the mouth) costs nothing over black, something over a colour."
-    from talkinggs.train import FaceRules
+    from talkinggs.branch_stage import FaceRules
     torch.manual_seed(0)
     rgb, alpha = torch.zeros(1, 8, 8, 3), torch.ones(1, 8, 8, 1)                    # opaque black everywhere
     mask = torch.ones(1, 8, 8, dtype=torch.bool); mask[:, 3:5, 2:6] = False          # a "mouth" hole in the face mask
