@@ -33,7 +33,8 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here: use cpu (or auto)")
+        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here: "
+                         "use cpu (or auto)")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return d
@@ -49,7 +50,10 @@ def median_ms(fn,                     # a function of no arguments to time
     for _ in range(warmup): fn()
     times = []
     for _ in range(repeats):
-        sync(); t = time.perf_counter(); fn(); sync()
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
         times.append((time.perf_counter() - t) * 1000)
     return statistics.median(times)
 
@@ -98,7 +102,8 @@ def rotmat_to_quat(R: torch.Tensor,  # [..., 3, 3] rotation matrices
         torch.stack([m21 - m12, 1 + m00 - m11 - m22, m01 + m10, m02 + m20], -1),
         torch.stack([m02 - m20, m01 + m10, 1 - m00 + m11 - m22, m12 + m21], -1),
         torch.stack([m10 - m01, m02 + m20, m12 + m21, 1 - m00 - m11 + m22], -1)], -2)  # [..., 4, 4]
-    best = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1).argmax(-1)
+    best = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,
+                        1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1).argmax(-1)
     q = torch.gather(cands, -2, best[..., None, None].expand(best.shape + (1, 4))).squeeze(-2)  # [..., 4]
     q = F.normalize(q, dim=-1)
     return torch.where(q[..., :1] < 0, -q, q)
@@ -190,7 +195,8 @@ def check_image(img: torch.Tensor,  # expected [..., H, W, 3] float in [0, 1]
     "Return `img` unchanged if it follows the image convention, else raise a clear `ValueError`."
     if not torch.is_tensor(img): raise ValueError(f"{name} must be a torch.Tensor, got {type(img).__name__}")
     if not img.is_floating_point():
-        raise ValueError(f"{name} must be float in [0, 1], got dtype {img.dtype} (convert uint8 with img.float() / 255)")
+        raise ValueError(f"{name} must be float in [0, 1], got dtype {img.dtype} "
+                         "(convert uint8 with img.float() / 255)")
     if img.ndim < 3 or img.shape[-1] != 3:
         raise ValueError(f"{name} must have shape [..., H, W, 3] (channels last), got {tuple(img.shape)}")
     lo, hi = img.min().item(), img.max().item()

@@ -45,14 +45,17 @@ def ordered_loop(edges: Iterable[tuple[int, int]]) -> list[int]:
     "Order the vertices of a set of edges that forms one closed loop."
     nbr: dict[int, list[int]] = {}
     for a, b in edges:
-        nbr.setdefault(a, []).append(b); nbr.setdefault(b, []).append(a)
+        nbr.setdefault(a, []).append(b)
+        nbr.setdefault(b, []).append(a)
     if any(len(v) != 2 for v in nbr.values()): raise ValueError("edges do not form a single closed loop")
-    start = min(nbr); loop, prev = [start], None
+    start = min(nbr)
+    loop, prev = [start], None
     while True:
         cur = loop[-1]
         nxt = nbr[cur][0] if nbr[cur][0] != prev else nbr[cur][1]
         if nxt == start: break
-        loop.append(nxt); prev = cur
+        loop.append(nxt)
+        prev = cur
     if len(loop) != len(nbr): raise ValueError("edges form more than one loop")
     return loop
 
@@ -85,7 +88,8 @@ def to_68(lms: np.ndarray,  # [..., 478, C] mediapipe landmarks
     return lms[..., MP_TO_68, :]
 
 # %% ../nbs/11_landmarks.ipynb #465f642e
-NATIVE_NOISE = re.compile(r"^(W0000 |I0000 |INFO: Created TensorFlow Lite|WARNING: All log messages before absl)")   # mediapipe's C++ lines
+# mediapipe's C++ lines
+NATIVE_NOISE = re.compile(r"^(W0000 |I0000 |INFO: Created TensorFlow Lite|WARNING: All log messages before absl)")
 
 @contextlib.contextmanager
 def quiet_native_logs(enabled: bool | None = None):   # None: unless TALKINGGS_NATIVE_LOGS=1
@@ -94,19 +98,25 @@ def quiet_native_logs(enabled: bool | None = None):   # None: unless TALKINGGS_N
     try: fd = sys.stderr.fileno() if enabled else None
     except (AttributeError, OSError, ValueError): fd = None      # a notebook's stderr may have no descriptor
     if fd is None:
-        yield; return
+        yield
+        return
     sys.stderr.flush()
     saved, tmp, py_err = os.dup(fd), tempfile.TemporaryFile(), sys.stderr
     os.dup2(tmp.fileno(), fd)                                     # native writes to fd 2 -> the temporary file
     sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, errors="replace")   # Python's writes stay live
     try: yield
     finally:
-        sys.stderr.flush(); sys.stderr.close(); sys.stderr = py_err
-        os.dup2(saved, fd); os.close(saved)
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = py_err
+        os.dup2(saved, fd)
+        os.close(saved)
         tmp.seek(0)
         kept = [l for l in tmp.read().decode(errors="replace").splitlines(keepends=True) if not NATIVE_NOISE.match(l)]
         tmp.close()
-        if kept: sys.stderr.write("".join(kept)); sys.stderr.flush()
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 # %% ../nbs/11_landmarks.ipynb #9065e0b0
 class FaceMesh:
@@ -114,7 +124,8 @@ class FaceMesh:
     def __init__(self,
                  video_mode: bool = True,        # track between frames (False: detect on every image)
                  min_confidence: float = 0.5,    # detection and tracking confidence (mediapipe default)
-                 max_faces: int = 1,             # faces looked for (`count` tells how many were found; calls return the first)
+                 # faces looked for (`count` tells how many were found; calls return the first)
+                 max_faces: int = 1,
                 ):
         import mediapipe as mp  # heavy import, deferred until a tracker is needed
         self.mesh = mp.solutions.face_mesh.FaceMesh(
@@ -192,7 +203,8 @@ def face_alignment_missing() -> str | None:
     "One line saying why the face-alignment backend cannot run here, or `None` when it can (never downloads)."
     try: import face_alignment  # noqa: F401  (also imports its dependencies: scikit-image, numba, opencv)
     except Exception as e:
-        return f"face-alignment is not importable ({type(e).__name__}: {e}); install it with `pip install face-alignment`"
+        return (f"face-alignment is not importable ({type(e).__name__}: {e}); "
+                "install it with `pip install face-alignment`")
     try: files = face_alignment_weights()
     except BackendUnavailable as e: return str(e)
     absent = [p for p in files.values() if not p.is_file()]
@@ -232,7 +244,8 @@ class FaceAlignment68:
         lt = getattr(fa.LandmarksType, "TWO_D", None) or getattr(fa.LandmarksType, "_2D")  # renamed in 1.4
         kw = dict(device=self.device, face_detector="sfd",
                   face_detector_kwargs=dict(path_to_detector=str(face_alignment_weights()["s3fd"])))
-        if "compile" in inspect.signature(fa.FaceAlignment).parameters: kw["compile"] = False  # no torch.compile warm-up
+        if "compile" in inspect.signature(fa.FaceAlignment).parameters:
+            kw["compile"] = False  # no torch.compile warm-up
         with _no_downloads(): self.fa = fa.FaceAlignment(lt, **kw)
 
     def __call__(self, img: np.ndarray,  # [H, W, 3] uint8 RGB

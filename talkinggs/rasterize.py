@@ -117,7 +117,8 @@ def rasterize_torch(means: torch.Tensor,      # [N, 3]
                     render_mode: RenderMode = "RGB",
                     alpha_max: float = 0.999,             # opacity clamp (3DGS paper code: 0.99)
                     max_block_elements: int = 1 << 22,    # bound on pixels x splats per block
-                    checkpoint: bool | None = None,       # recompute blocks in backward (None: for blocks over 2^20 pairs)
+                    # recompute blocks in backward (None: for blocks over 2^20 pairs)
+                    checkpoint: bool | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # colors [C,H,W,D'], alphas [C,H,W,1], meta
     "Pure-PyTorch reference rasteriser with gsplat's interface (unpacked meta)."
     C = len(viewmats)
@@ -193,14 +194,17 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, sh_degr
     need(quats.shape == (N, 4), f"quats must be [N, 4] wxyz with N = {N}, got {tuple(quats.shape)}")
     need(scales.shape == (N, 3), f"scales must be [N, 3] (activated) with N = {N}, got {tuple(scales.shape)}")
     need(opacities.shape == (N,), f"opacities must be [N] (activated) with N = {N}, got {tuple(opacities.shape)}")
-    need(viewmats.ndim == 3 and viewmats.shape[1:] == (4, 4), f"viewmats must be [C, 4, 4], got {tuple(viewmats.shape)}")
+    need(viewmats.ndim == 3 and viewmats.shape[1:] == (4, 4),
+         f"viewmats must be [C, 4, 4], got {tuple(viewmats.shape)}")
     C = viewmats.shape[0]
     need(Ks.shape == (C, 3, 3), f"Ks must be [C, 3, 3] with C = {C}, got {tuple(Ks.shape)}")
     if sh_degree is None:
-        need(colors.shape[-2] == N and colors.ndim in (2, 3), f"colors must be [N, D] or [C, N, D], got {tuple(colors.shape)} "
+        need(colors.shape[-2] == N and colors.ndim in (2, 3),
+             f"colors must be [N, D] or [C, N, D], got {tuple(colors.shape)} "
              "(pass sh_degree when colors are SH coefficients [N, K, 3])")
     else:
-        need(colors.ndim == 3 and colors.shape[0] == N and colors.shape[2] == 3 and colors.shape[1] >= (sh_degree + 1) ** 2,
+        need(colors.ndim == 3 and colors.shape[0] == N and colors.shape[2] == 3
+             and colors.shape[1] >= (sh_degree + 1) ** 2,
              f"with sh_degree={sh_degree} colors must be [N, K>={(sh_degree + 1) ** 2}, 3], got {tuple(colors.shape)}")
     devs = {t.device for t in (means, quats, scales, opacities, colors, viewmats, Ks)}
     need(len(devs) == 1, f"all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -222,7 +226,8 @@ def rasterize(means: torch.Tensor,      # [N, 3] centres
               render_mode: RenderMode = "RGB",           # "RGB+ED" appends expected depth as a channel
               alpha_max: float = 0.999,                  # opacity clamp (gsplat 1.5; the 3DGS paper code uses 0.99)
               backend: Backend = "auto",                 # "torch" reference, "gsplat" CUDA, "auto" = gsplat on CUDA
-              **kwargs,                                  # backend extras (torch: max_block_elements, checkpoint; gsplat: absgrad, ...)
+              # backend extras (torch: max_block_elements, checkpoint; gsplat: absgrad, ...)
+              **kwargs,
              ) -> tuple[torch.Tensor, torch.Tensor, dict]:  # render_colors [C,H,W,D'], render_alphas [C,H,W,1], meta
     "Render Gaussians into every camera: gsplat's `rasterization` interface over a torch or gsplat backend."
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, sh_degree)
@@ -233,8 +238,10 @@ def rasterize(means: torch.Tensor,      # [N, 3] centres
         return rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                                alpha_max=alpha_max, **common, **kwargs)
     if backend != "gsplat": raise ValueError(f"rasterize: backend must be 'auto', 'torch' or 'gsplat', got {backend!r}")
-    if not means.is_cuda: raise ValueError("rasterize: backend='gsplat' needs CUDA tensors; use backend='torch' on the CPU")
-    if alpha_max != 0.999: raise ValueError("rasterize: gsplat 1.5.3 clamps opacity at 0.999; use backend='torch' for other alpha_max")
+    if not means.is_cuda:
+        raise ValueError("rasterize: backend='gsplat' needs CUDA tensors; use backend='torch' on the CPU")
+    if alpha_max != 0.999:
+        raise ValueError("rasterize: gsplat 1.5.3 clamps opacity at 0.999; use backend='torch' for other alpha_max")
     from gsplat import rasterization
     return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                          packed=False, rasterize_mode="classic", **common, **kwargs)
