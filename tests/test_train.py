@@ -2,7 +2,7 @@
 and the whole pipeline learning the synthetic head's known lip motion on a CPU.
 
 Everything runs on the CPU at 64x64 (the synthetic clip preprocessed once per module, ~10 s)."""
-import os, signal, subprocess, sys, textwrap, time
+import json, os, signal, subprocess, sys, textwrap, time
 from collections import Counter
 from pathlib import Path
 
@@ -52,11 +52,34 @@ def test_refuses_folder_without_dataset(tmp_path):
 
 def test_refuses_existing_run_without_resume(clip, tmp_path):
     run = tmp_path / "run"
-    train(clip, run, tiny_config(face_iters=4, mouth_iters=2, fused_iters=1), device="cpu", progress=False)  # 0 = preset
+    train(clip, run, tiny_config(face_iters=4, mouth_iters=2, fused_iters=1), device="cpu", progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     with pytest.raises(FileExistsError, match="resume"):
         train(clip, run, tiny_config(), device="cpu", progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before      # nothing touched
+
+
+def test_resume_refuses_a_changed_setting_and_applies_a_safe_one(clip, tmp_path, capsys):
+    "--resume continues with the run's own settings: what would change the result is refused by name, nothing touched."
+    run, cfg = tmp_path / "run", tiny_config(face_iters=6, mouth_iters=3, fused_iters=2)
+    train(clip, run, cfg, device="cpu", progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(ValueError, match="face_iters=6; --resume cannot change it to face_iters=8"):
+        train(clip, run, tiny_config(face_iters=8, mouth_iters=3, fused_iters=2), device="cpu", resume=True,
+              progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before      # nothing touched
+    train(clip, run, tiny_config(face_iters=6, mouth_iters=3, fused_iters=2, log_every=3), device="cpu", resume=True,
+          progress=False)
+    assert "log_every: 2 -> 3" in capsys.readouterr().err                        # applied, and said
+    assert json.loads((run / "config.json").read_text())["train"]["log_every"] == 3
+
+
+def test_impossible_settings_are_refused_before_anything_is_written(clip, tmp_path):
+    for bad, says in ((dict(face_iters=0), "face_iters must be at least 1"), (dict(sh_degree=9), "sh_degree"),
+                      (dict(method="nerf"), "unknown method"), (dict(ckpt_every=0), "ckpt_every")):
+        with pytest.raises(ValueError, match=says):
+            train(clip, tmp_path / "run", tiny_config(**bad), device="cpu", progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- model files
@@ -193,7 +216,7 @@ def test_resume_after_sigkill(clip, tmp_path):
     assert 0 < killed_at < 60
     _checkpoint_files_load(run)
 
-    head = train(clip, run, cpu_demo_train_config(), device="cpu", resume=True, progress=False)  # cfg from config.json
+    head = train(clip, run, None, device="cpu", resume=True, progress=False)      # None: the run's own settings
     assert not list(run.glob(".*.tmp-*"))                                       # the stale partial save is gone
     _checkpoint_files_load(run)
     for stage, iters in (("face", 60), ("mouth", 12), ("fused", 6)):
