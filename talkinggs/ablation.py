@@ -15,7 +15,7 @@ from .bookkeeping import atomic_write_text, versions
 from .train_config import TrainConfig
 from .model import METHODS
 from .train import train
-from .synthesize import evaluate
+from .evaluate import evaluate
 
 # %% auto #0
 __all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'run_row', 'check_rows',

@@ -165,7 +165,7 @@ def test_eval_without_video_says_what_it_does(run):
 
 def test_a_failed_eval_leaves_no_older_report_beside_new_renders(run, monkeypatch):
     import talkinggs.synthesize as syn
-    from talkinggs.synthesize import evaluate
+    from talkinggs.evaluate import evaluate
     folder = run / "eval_tracked"; folder.mkdir(exist_ok=True)
     (folder / "report.json").write_text('{"summary": {"psnr": 99}}')                 # an older evaluation
     calls = []

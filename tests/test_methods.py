@@ -10,7 +10,8 @@ from talkinggs.samples import repo_root
 from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import cpu_demo_train_config, train
 from talkinggs.model import load_head, model_store, METHODS
-from talkinggs.synthesize import Renderer, FastRenderer, evaluate, render_video
+from talkinggs.synthesize import Renderer, FastRenderer, render_video
+from talkinggs.evaluate import evaluate
 
 HEAD = repo_root() / "data_samples" / "synthetic_head"
 pytestmark = pytest.mark.usefixtures("one_thread")

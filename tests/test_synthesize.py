@@ -1,5 +1,5 @@
-"""Tests of chapter 31 on the CPU: rendering with new audio, streaming, evaluation and the run-folder errors, on a
-briefly trained synthetic head (64x64). Quality is not the point here (tests/test_train.py checks learning)."""
+"""Tests of chapters 31 and 32 on the CPU: rendering with new audio, streaming, evaluation and the run-folder errors,
+on a briefly trained synthetic head (64x64). Quality is not the point here (tests/test_train.py checks learning)."""
 import json, subprocess, sys
 from pathlib import Path
 
@@ -11,8 +11,9 @@ from talkinggs.samples import repo_root
 from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.clip import FrameStore
 from talkinggs.train import train, cpu_demo_train_config
-from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, evaluate, drive_track,
+from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, drive_track,
                                   audio_features, background_for)
+from talkinggs.evaluate import evaluate
 from talkinggs.core import to_uint8
 from talkinggs.video import probe_video, iter_frames
 
@@ -117,11 +118,11 @@ def test_evaluate_reports(trained):
     cams = run / "test_cameras.pt"                                 # the corrected test cameras, made once
     assert cams.is_file()
     stamp = cams.stat().st_mtime_ns
-    import talkinggs.synthesize as syn
+    import talkinggs.evaluate as ev
     def refit(*a, **k): raise AssertionError("the static evaluation fitted the test cameras again")
-    orig, syn.refine_cameras = syn.refine_cameras, refit
+    orig, ev.refine_cameras = ev.refine_cameras, refit
     try: st = evaluate(run, device="cpu", static=True, video=False, progress=False)
-    finally: syn.refine_cameras = orig
+    finally: ev.refine_cameras = orig
     assert (run / "eval_static" / "report.json").exists() and st["static"] and cams.stat().st_mtime_ns == stamp
     saved = torch.load(cams)
     assert saved["key"]["frames"] == rep["frames"] and saved["viewmats"].shape == (12, 4, 4)
@@ -129,12 +130,12 @@ def test_evaluate_reports(trained):
 
 def test_evaluate_diagnosis(trained, monkeypatch):
     "Per-region PSNR, the head's share, error maps, LMD named; the train split; report.json survives a broken encoder."
-    import talkinggs.synthesize as syn
+    import talkinggs.evaluate as ev
     from talkinggs.metrics import REGIONS
     data, run = trained
     class NoEncoder:                                          # as with imageio-ffmpeg missing: fails when opened
         def __init__(self, *a, **k): raise RuntimeError("no ffmpeg here")
-    monkeypatch.setattr(syn, "VideoWriter", NoEncoder)
+    monkeypatch.setattr(ev, "VideoWriter", NoEncoder)
     rep = evaluate(run, device="cpu", progress=False, split="train", train_frames=10)
     folder = run / "eval_train"
     train_idx = FrameStore(data, "cpu", progress=False).train_idx

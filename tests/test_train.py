@@ -124,7 +124,7 @@ def test_stage0_corrects_training_cameras_only_and_travels_with_the_model(clip, 
     with pytest.raises(ValueError, match="not the clip"):
         FrameStore(clip, "cpu", progress=False, cameras=back.viewmats[:5])
     assert any(r["stage"] == "pose" for r in read_metrics(run / "metrics.csv"))
-    from talkinggs.synthesize import evaluate
+    from talkinggs.evaluate import evaluate
     rep = evaluate(run, progress=False, video=False)
     assert rep["cameras"].startswith("tracked, rigidly corrected") and (run / "eval" / "report.json").exists()
     rep = evaluate(run, progress=False, video=False, refine=False)
