@@ -84,7 +84,8 @@ class MetricsLog:
                  start: int = 0):           # first step this loop will run (resume)
         self.path, self.stage, self.rows = path, stage, []
         if path is not None and path.exists():                       # keep other stages and earlier steps only
-            keep = [r for r in read_metrics(path) if r["stage"] != stage or int(r["step"]) < start]
+            with open(path, newline="") as f:                          # as written: "12", not "12.0"
+                keep = [r for r in csv.DictReader(f) if r["stage"] != stage or float(r["step"]) < start]
             self._write(keep, "w")
     def _write(self, rows, mode):
         new = mode == "w" or not self.path.exists()
