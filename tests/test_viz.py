@@ -1,6 +1,6 @@
-"""Tests of the toy, traces and widgets chapters (40_toy, 41_traces, 42_widgets): the synthetic clip and its fitted
-fields, their traces, and the widgets built from them on CPU, whose callbacks change what the plotly FigureWidgets
-hold. No browser here (tests/test_viz_browser.py drives a real one)."""
+"""Tests of the toy, traces and widgets chapters (40_toy, 41_traces, 42_widgets, 43_train_widgets): the synthetic
+clip and its fitted fields, their traces, and the widgets built from them on CPU, whose callbacks change what the
+plotly FigureWidgets hold. No browser here (tests/test_viz_browser.py drives a real one)."""
 import math
 import numpy as np
 import pytest
@@ -10,7 +10,8 @@ from plotly.callbacks import Points
 from talkinggs.toy import (SyntheticClipConfig, synthetic_talking_clip, band_energies, fit_clip_models, cpu_grid,
                            ConcatCondition, train_photometric)
 from talkinggs.traces import compute_traces, offset_correlation, attention_of, DeformationTraces, _uint8
-from talkinggs.widgets import parse_indices, TraceExplorer, AttentionView, SamplingView, RetrainConfig, RetrainPanel
+from talkinggs.widgets import parse_indices, TraceExplorer, AttentionView
+from talkinggs.train_widgets import SamplingView, RetrainConfig, RetrainPanel
 from talkinggs.motion_field import MotionField, face_branch_config
 from talkinggs.sampling import IncrementalSampler, WindowRule
 from talkinggs.fusion import render_face_mouth
