@@ -126,9 +126,9 @@ class BranchRules:
                    alpha: torch.Tensor,          # [B, H, W, 1] its opacity
                    target: torch.Tensor,         # [B, H, W, 3] the frames, black outside `mask`
                    mask: torch.Tensor,           # [B, H, W] bool, the branch's pixels
-                   frs: list[dict],              # the batch's frames (`FrameStore.frame`)
+                   batch: list[dict],            # the batch's frames (`FrameStore.frame`)
                    cfg: TrainConfig,
-                   js: list[int],                # their frame numbers
+                   numbers: list[int],           # their frame numbers
                   ) -> tuple[torch.Tensor, torch.Tensor]:   # loss [], PSNR []
         "The photometric loss of a rendered batch and the PSNR it logs."
         raise NotImplementedError
@@ -173,15 +173,15 @@ class FaceRules(BranchRules):
             boxes = lip_patch_boxes(store.landmarks, (store.H, store.W))
             self.patches = torch.as_tensor(boxes, device=store.device)
 
-    def image_loss(self, rgb, alpha, target, mask, frs, cfg, js):
+    def image_loss(self, rgb, alpha, target, mask, batch, cfg, numbers):
         if cfg.random_bg:   # off the face (mouth, torso, background) the render must show the colour behind it
             bg = torch.rand(3, device=rgb.device)                                 # [3]
             rgb, target = composite_over(rgb, alpha, bg), target + (~mask[..., None]) * bg
         loss = face_loss(rgb, target, alpha, mask, cfg)
         if self.patches is not None:   # GSTalker's λ3·L_lips
-            loss = loss + cfg.lip_patch_weight * lip_patch_l1(rgb, target, self.patches[js])
+            loss = loss + cfg.lip_patch_weight * lip_patch_l1(rgb, target, self.patches[numbers])
         if cfg.mouth_hole_weight:
-            hole = torch.stack([fr["mouth"] for fr in frs]).float()               # [B, H, W] inside of the mouth
+            hole = torch.stack([fr["mouth"] for fr in batch]).float()               # [B, H, W] inside of the mouth
             loss = loss + cfg.mouth_hole_weight * (alpha[..., 0] * hole).sum() / hole.sum().clamp_min(1.0)
         return loss, psnr(rgb.detach(), target)
 
@@ -212,11 +212,11 @@ class MouthRules(BranchRules):
         return [WindowRule("au25", 0.0, 0.2, step=1 / span, every=cfg.window_every_mouth, start=warmup, stop=span,
                            descending=True)]
 
-    def image_loss(self, rgb, alpha, target, mask, frs, cfg, js):
+    def image_loss(self, rgb, alpha, target, mask, batch, cfg, numbers):
         loss = masked_loss(rgb, target, mask, cfg.ssim_lambda)
         area = mask.sum().clamp_min(1.0)                                          # mouth pixels in the batch
         cover = ((1 - alpha[..., 0]) * mask).sum() / area                         # empty inside the mouth mask
-        nohead = ~torch.stack([fr["head"] for fr in frs])                         # [B, H, W] no head drawn here
+        nohead = ~torch.stack([fr["head"] for fr in batch])                         # [B, H, W] no head drawn here
         spill = (alpha[..., 0] * nohead).sum() / area                             # mouth drawn over torso/background
         return loss + cfg.alpha_weight * (cover + spill), psnr(rgb.detach()[mask], target[mask])
 
@@ -275,20 +275,20 @@ class BranchStage(Stage):
         cfg, store, head, b, rules = run.cfg, run.store, run.head, self.b, self.rules
         motion = step >= self.warmup
         rows = [self.sampler.sample(self.sstate, step) for _ in range(1 if motion else cfg.static_batch)]
-        js = [int(self.frames[r]) for r in rows]                                 # frame numbers
-        j = js[0]
+        numbers = [int(self.frames[r]) for r in rows]                                 # frame numbers
+        j = numbers[0]
         vm = self.cams.viewmats(torch.as_tensor(rows, device=run.device))       # [B, 4, 4]
-        frs = [store.frame(i) for i in js]
-        mask = torch.stack([fr[b.mask] for fr in frs])                           # [B, H, W] bool
-        target = torch.stack([fr["image"] for fr in frs]) * mask[..., None]     # [B, H, W, 3] black outside
+        batch = [store.frame(i) for i in numbers]
+        mask = torch.stack([fr[b.mask] for fr in batch])                           # [B, H, W] bool
+        target = torch.stack([fr["image"] for fr in batch]) * mask[..., None]     # [B, H, W, 3] black outside
         audio = head.audio_code(b, store.audio, j) if motion else None
         params = b.deformed(audio, store.expr[j], vm[0].detach(), extra=rules.points() if motion else None)
         delta, d_points = params.pop("_delta", None), params.pop("_extra", None)
         deg = min(step // cfg.sh_interval, sh_degree_of(b.splats))
-        rgb, alpha, info = head.render_branch(params, vm, store.Ks[torch.as_tensor(js, device=run.device)], deg,
+        rgb, alpha, info = head.render_branch(params, vm, store.Ks[torch.as_tensor(numbers, device=run.device)], deg,
                                               cfg.backend)
-        loss, quality = rules.image_loss(rgb, alpha, target, mask, frs, cfg, js)
-        self.cams.before_backward(rgb, frs, js)
+        loss, quality = rules.image_loss(rgb, alpha, target, mask, batch, cfg, numbers)
+        self.cams.before_backward(rgb, batch, numbers)
         if delta is not None:
             reg = delta["d_means"].abs().mean() / b.bound
             if "d_scales" in delta: reg = reg + delta["d_scales"].abs().mean()

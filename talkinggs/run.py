@@ -123,7 +123,7 @@ class CameraSource:
         "The world-to-camera matrices of those frames."
         return self.run.cameras[self.frame_idx[rows]]
 
-    def before_backward(self, rgb: torch.Tensor, frs: list[dict], js: list[int]) -> None:
+    def before_backward(self, rgb: torch.Tensor, batch: list[dict], numbers: list[int]) -> None:
         "Called with the batch's render [B, H, W, 3], frames and frame numbers before the loss's backward pass."
 
     def after_backward(self) -> None:
@@ -158,12 +158,12 @@ class JointCameras(CameraSource):
         w, t = self.w[rows] - self.w.mean(0), self.t[rows] - self.t.mean(0)         # zero-mean gauge
         return rigid_correction(tracked, w, t, self.center)
 
-    def before_backward(self, rgb, frs, js):
+    def before_backward(self, rgb, batch, numbers):
         "The cameras follow the skin above the nose tip only (chapter 26): speech cannot move them."
-        for i in js:
+        for i in numbers:
             if i not in self.upper: self.upper[i] = upper_face_mask(self.run.store, i)
-        up = torch.stack([self.upper[i] for i in js])                                 # [B, H, W]
-        frame_rgb = torch.stack([fr["image"] for fr in frs])                          # [B, H, W, 3]
+        up = torch.stack([self.upper[i] for i in numbers])                                 # [B, H, W]
+        frame_rgb = torch.stack([fr["image"] for fr in batch])                          # [B, H, W, 3]
         loss = masked_loss(rgb, frame_rgb, up, self.run.cfg.ssim_lambda)
         self.grads = torch.autograd.grad(loss, [self.w, self.t], retain_graph=True)
 

@@ -72,14 +72,14 @@ class PoseStage(Stage):
     def step(self, run, step, log):
         cfg, store, dev = run.cfg, run.store, run.device
         k = torch.randint(len(self.frames), (min(cfg.static_batch, len(self.frames)),), generator=self.gen)  # [B]
-        js = [int(self.frames[i]) for i in k]
-        frs = [store.frame(j) for j in js]
-        mask = torch.stack([fr["face_only"] for fr in frs])                       # [B, H, W]
-        target = torch.stack([fr["image"] for fr in frs])                         # [B, H, W, 3]
-        for j in js:
+        numbers = [int(self.frames[i]) for i in k]
+        batch = [store.frame(j) for j in numbers]
+        mask = torch.stack([fr["face_only"] for fr in batch])                       # [B, H, W]
+        target = torch.stack([fr["image"] for fr in batch])                         # [B, H, W, 3]
+        for j in numbers:
             if j not in self.upper: self.upper[j] = upper_face_mask(store, j)
-        up = torch.stack([self.upper[j] for j in js])                             # [B, H, W]
-        ti = torch.as_tensor(js, device=dev)
+        up = torch.stack([self.upper[j] for j in numbers])                             # [B, H, W]
+        ti = torch.as_tensor(numbers, device=dev)
         moving = step >= self.move_from
         vm = self.cameras(k.to(dev), store.viewmats[ti]) if moving else store.viewmats[ti]
         deg = min(step // cfg.sh_interval, sh_degree_of(self.splats))
