@@ -201,7 +201,7 @@ def run_stage(run: Run, stage: Stage,
              ) -> dict:
     "The one resumable loop: checkpoints every `ckpt_every` steps and on Ctrl-C / SIGTERM, metrics rows, a bar."
     cfg, ckpt = run.cfg, run.path(f"{stage.name}.ckpt.pt")
-    saved = load_checkpoint(ckpt, run.device) if run.has(ckpt.name if ckpt else "") else None
+    saved = load_checkpoint(ckpt, run.device) if ckpt is not None and ckpt.is_file() else None
     try:
         start = stage.start(run, saved)
         total = stage.iterations
