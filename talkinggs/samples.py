@@ -20,6 +20,15 @@ SAMPLES: dict[str, dict] = {
         url="https://raw.githubusercontent.com/sstzal/DFRF/main/dataset/vids/cnn2_25fps.mp4",
         sha256="9c18a0492531858bff0bce41a7a213337f69fd432e0fe2f254b579e40d6877e7",
         facts="news anchor, frontal; 71.2 s, 512x512, 25 fps, MP3 44.1 kHz"),
+    "trump_10s.mp4": dict(
+        url="https://raw.githubusercontent.com/yerfor/MimicTalk/44bde25e93ec89d31b6517fe94e7a356d8694fa8/"
+            "data/raw/examples/Trump_10s.mp4",
+        sha256="10995dbe3469bf42c67ea8c7228a37a83caab81a8e79e288211c72e410b5a9a3",
+        facts="a speech from a desk; 10 s, 512x512, 25 fps, AAC 48 kHz stereo"),
+    "may_5s.mp4": dict(
+        url="https://raw.githubusercontent.com/yerfor/MimicTalk/297fea2/data/raw/examples/May_5s.mp4",
+        sha256="947610a55bf6c6802bb158027b2b5b83df1084a4c5eb5419068844ed05177026",
+        facts="May, a standard subject of ER-NeRF and TalkingGaussian (5 s of it); 512x512, 25 fps, AAC 48 kHz"),
     "novel_speech_8s.wav": dict(
         url="https://raw.githubusercontent.com/OpenTalker/SadTalker/main/examples/driven_audio/RD_Radio34_002.wav",
         sha256="57a0bfd5715cfde2a8e2effe3c776dbcb8e3a22aa872b5b682f00dc38780a631",
