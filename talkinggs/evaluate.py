@@ -140,7 +140,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, device: str = "aut
     rep = dict(run=str(run), data=str(data), split=split, static=static, frames=[int(i) for i in idx], summary=summ,
                head_share=float(np.mean(head_share)), regions=list(REGIONS),
                region_note=("PSNR per region (metrics.region_masks): "
-                            "the silhouette band is 8 px wide, centred on the head's outline"),
+                            "the silhouette band is 8 px wide, centred on the head's outline; jaw_neck and "
+                            "collar are 8 px bands where the head meets the neck and along the torso's outline"),
                per_frame=rows, lmd_set=LMD_SET,
                cameras=("tracked, rigidly corrected against the static face (skin above the nose tip)" if refine else
                         "stage 0's corrected cameras" if split == "train" and head.viewmats is not None else "tracked"),

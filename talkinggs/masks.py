@@ -9,8 +9,8 @@ import numpy as np
 from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval
 
 # %% auto #0
-__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'PersonSegmenter', 'frame_labels', 'split_labels',
-           'background_plate', 'torso_bg_layer']
+__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'NECK_ROWS', 'NECK_REACH', 'PersonSegmenter',
+           'frame_labels', 'split_labels', 'background_plate', 'neck_under_head', 'torso_bg_layer']
 
 # %% ../nbs/14_masks.ipynb #72f66d3b
 BACKGROUND, TORSO, HAIR, FACE, MOUTH = 0, 1, 2, 3, 4   # label values (nested regions)
@@ -85,9 +85,42 @@ def background_plate(frames: np.ndarray,  # [K, H, W, 3] uint8, a sample of the 
     if (~seen).any(): plate = cv2.inpaint(plate, (~seen).astype(np.uint8), 5, cv2.INPAINT_TELEA)
     return plate
 
-def torso_bg_layer(frame: np.ndarray,  # [H, W, 3] uint8
-                   lab: np.ndarray,    # [H, W] uint8 labels
-                   plate: np.ndarray,  # [H, W, 3] uint8 background plate
-                  ) -> np.ndarray:     # [H, W, 3] uint8
-    "The frame with the head replaced by the background plate (ground truth outside the head)."
-    return np.where((lab >= HAIR)[..., None], plate, frame)
+NECK_ROWS = 3      # neck rows under the jaw whose mean colour is carried up (ours: a 512 px frame's neck is ~100 rows)
+NECK_REACH = 0.5   # share of the head's height in a column that the neck is carried over (ours: the jaw's whole travel
+                   # is inside the lower half; the top half would show neck colour above a nodding head's hair)
+
+def neck_under_head(lab: np.ndarray,    # [H, W] uint8 labels
+                    frame: np.ndarray,  # [H, W, 3] uint8
+                    rows: int = NECK_ROWS,
+                    reach: float = NECK_REACH,
+                   ) -> np.ndarray:     # [W, 5] int16: first neck row, lowest filled row, colour (RGB); -1 rows: none
+    "Per column: where the neck meets the head from below, how far up it is carried, and the colour it carries."
+    H, W = lab.shape
+    head, torso = lab >= HAIR, lab == TORSO                                   # [H, W] each
+    cols = np.arange(W)
+    has_head = head.any(0)                                                    # [W]
+    first = np.argmax(head, 0)                                                # [W] highest head row
+    top = H - np.argmax(head[::-1], 0)                                        # [W] first row under the head
+    jaw = lab[np.clip(top - 1, 0, H - 1), cols] >= FACE                       # [W] the head ends with the face here
+    neck = has_head & jaw & (top < H) & torso[np.minimum(top, H - 1), cols]  # [W] and a torso pixel lies under it
+    ys = np.minimum(top[None] + np.arange(rows)[:, None], H - 1)              # [rows, W]
+    ok = torso[ys, cols] & neck                                               # [rows, W] neck pixels sampled
+    colour = (frame[ys, cols] * ok[..., None]).sum(0) / np.maximum(ok.sum(0), 1)[:, None]   # [W, 3]
+    low = top - np.ceil(reach * (top - first)).astype(int)                    # [W] highest row filled
+    out = np.full((W, 5), -1, np.int16)
+    out[neck, 0], out[neck, 1] = top[neck], low[neck]
+    out[neck, 2:] = np.round(colour[neck]).astype(np.int16)
+    return out
+
+def torso_bg_layer(frame: np.ndarray,              # [H, W, 3] uint8
+                   lab: np.ndarray,                # [H, W] uint8 labels
+                   plate: np.ndarray,              # [H, W, 3] uint8 background plate
+                   neck: np.ndarray | None = None, # [W, 5] `neck_under_head` of this frame (None: computed here)
+                  ) -> np.ndarray:                 # [H, W, 3] uint8
+    "The frame outside the head, the plate inside it, and the neck carried up under the jaw."
+    neck = neck_under_head(lab, frame) if neck is None else neck
+    head = lab >= HAIR                                                        # [H, W]
+    rows = np.arange(lab.shape[0])[:, None]                                   # [H, 1]
+    fill = head & (rows >= neck[:, 1]) & (rows < neck[:, 0]) & (neck[:, 0] >= 0)   # [H, W]
+    out = np.where(head[..., None], plate, frame)
+    return np.where(fill[..., None], neck[None, :, 2:].astype(np.uint8), out)

@@ -38,7 +38,7 @@ def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [
     return float(-10 * torch.log10(mse.clamp_min(1e-10)))
 
 # %% ../nbs/18_metrics.ipynb #164fc631
-REGIONS = ("face_skin", "eyes", "lips", "mouth_interior", "hair", "silhouette", "outside_head")
+REGIONS = ("face_skin", "eyes", "lips", "mouth_interior", "hair", "silhouette", "jaw_neck", "collar", "outside_head")
 
 def region_masks(labels: np.ndarray,   # [H, W] uint8 label image (chapter 14: background, torso, hair, face, mouth)
                  lms: np.ndarray,      # [478, >=2] landmarks of the frame, pixels
@@ -46,7 +46,7 @@ def region_masks(labels: np.ndarray,   # [H, W] uint8 label image (chapter 14: b
                 ) -> dict[str, np.ndarray]:  # region name -> [H, W] bool
     "The regions of one frame that the diagnosis scores separately (see REGIONS)."
     import cv2
-    from talkinggs.masks import HAIR, FACE, MOUTH
+    from talkinggs.masks import BACKGROUND, TORSO, HAIR, FACE, MOUTH
     lab = np.asarray(labels)
     head = lab >= HAIR
     def poly(ids):                                                             # filled landmark polygon
@@ -59,8 +59,12 @@ def region_masks(labels: np.ndarray,   # [H, W] uint8 label image (chapter 14: b
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (band + 1, band + 1))   # grows / shrinks by band/2 pixels
     h8 = head.astype(np.uint8)
     silhouette = cv2.dilate(h8, k).astype(bool) & ~cv2.erode(h8, k).astype(bool)
+    near = lambda m: cv2.dilate(m.astype(np.uint8), k).astype(bool)          # within band/2 pixels of m
+    torso, background = lab == TORSO, lab == BACKGROUND
+    jaw_neck = near(head) & near(torso)                                       # where the head meets the neck
+    collar = near(torso) & near(background) & ~near(head)                     # the torso's outline below the head
     return dict(face_skin=(lab == FACE) & ~eyes & ~lips, eyes=eyes, lips=lips, mouth_interior=lab == MOUTH,
-                hair=lab == HAIR, silhouette=silhouette, outside_head=~head)
+                hair=lab == HAIR, silhouette=silhouette, jaw_neck=jaw_neck, collar=collar, outside_head=~head)
 
 def region_psnr(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render
                 gt: torch.Tensor | np.ndarray,    # [H, W, 3] ground truth

@@ -287,3 +287,23 @@ def test_pipeline_learns_the_known_lip_motion(clip, tmp_path):
         untrained = head_from_store(store, sh_degree=1, face_points=1000, mouth_points=200)   # offsets all zero
         r0 = np.corrcoef(lip_drop(untrained, store)[:n], truth[:n])[0, 1]
     assert not r0 >= 0.6, r0
+
+
+# ---------------------------------------------------------------- the layer behind the head (issue 26)
+
+def test_a_moved_head_uncovers_no_background_between_jaw_and_neck(clip):
+    "The torso layer carries the neck up under the jaw: a head drawn higher than its mask leaves neck, not plate, below."
+    store = FrameStore(clip, "cpu", progress=False)
+    uncovered = 0
+    for i in store.test_idx:
+        fr = store.frame(int(i))
+        head = fr["head"]                                                           # [H, W]
+        moved = torch.roll(head, -2, dims=0)                                        # the head two rows higher
+        neck_cols = store.neck[int(i), :, 0] >= 0                                   # [W] a neck under the jaw
+        gap = head & ~moved & neck_cols[None]                                       # newly visible, above the neck
+        plate = store.plate.float() / 255
+        assert not (fr["torso_bg"][gap] == plate[gap]).all(-1).any(), f"frame {i}: background below the jaw"
+        old = torch.where(head[..., None], plate, fr["image"])                      # the layer before the neck
+        assert (old[gap] == plate[gap]).all()                                       # showed the plate right there
+        uncovered += int(gap.sum())
+    assert uncovered > 0                                                            # the check saw such pixels
