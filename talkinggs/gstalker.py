@@ -17,7 +17,7 @@ __all__ = ['EYE', 'gstalker_field_config', 'GSTalkerMotion', 'gstalker_motion']
 EYE = -1   # the eye feature's channel in the expression vector: AU45 (eye closure), the last of chapter 15's 7 AUs
 
 def gstalker_field_config(**changes) -> MotionFieldConfig:
-    "GSTalker's deformation field: hash grids L = 14, F = 1, 64 → 512 per plane; audio, eye concatenated; Δμ, Δs, Δq."
+    "GSTalker's deformation field: hash grids L = 14, F = 1, 64 → 512 per plane; audio, eye; Δμ, Δs, Δq."
     cfg = MotionFieldConfig(grid=HashGridConfig(n_levels=14, n_features=1, base_res=64, finest_res=512),
                             expr_dim=1, region_attention=False, outputs="deform")
     return dataclasses.replace(cfg, **changes)

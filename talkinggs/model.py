@@ -135,7 +135,7 @@ class Branch(nn.Module):
                  cache: dict | None = None,             # `motion.inference_cache` of the centres (inference)
                  extra: torch.Tensor | None = None,     # [M, 3] more canonical points moved by the same call (training)
                 ) -> dict:
-        "Stored parameters with the frame's offsets applied (plus `_delta`, the offsets, and `_extra`: Δμ of `extra`)."
+        "Stored parameters with the frame's offsets applied (plus `_delta`, the offsets; `_extra`: Δμ of `extra`)."
         s = self.splats
         if audio is None: return dict(s.items())
         e = expr if self.uses_expr else None

@@ -32,7 +32,8 @@ class MotionFieldConfig:
     att_hidden: int = 32             # hidden width of V_a and V_e (2-layer MLPs; TalkingGaussian code: 32)
     hidden: int = 64                 # hidden width of the decoder MLP (supp. B.1: face 64, mouth 32)
     n_layers: int = 3                # decoder MLP layers (supp. B.1: 3)
-    outputs: str = "deform"          # "deform": Δμ, Δs, Δq (Eq. 4) | "translate": Δμ (Eq. 8) | "appearance": Δf, Δα
+    # "deform": Δμ, Δs, Δq (Eq. 4) | "translate": Δμ (Eq. 8) | "appearance": Δf, Δα
+    outputs: str = "deform"
     means_scale: float = 1e-2 / 0.15 # Δμ = means_scale · r · MLP output (released code: 1e-2 for r = 0.15)
     backend: str = "torch"           # hash grid backend: "torch" | "tcnn" | "auto"
 

@@ -46,7 +46,7 @@ class PreprocessConfig:
     test_every: int = 11             # the last ceil(n/test_every) frames are the test split
 
 # %% ../nbs/16_preprocess.ipynb #27db9d0d
-_HELPER = "from talkinggs.preprocess import _tail_worker; _tail_worker()"   # the helper process's program
+_HELPER = "from talkinggs.preprocess import _tail_worker\n_tail_worker()"   # the helper process's program
 
 def _tail(tmp: str | Path,         # the temporary output folder
           lms: np.ndarray,         # [N, 478, 3] landmarks in pixels, missing frames filled

@@ -40,7 +40,7 @@ def _envelope(wave: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:  # [S]
 
 # %% ../nbs/42_widgets.ipynb #451848d5
 class TraceExplorer:
-    "Deformation trace explorer: canonical centres, Δμ and colour traces of a selection, frames and audio on a slider."
+    "Deformation trace explorer: canonical centres, Δμ and colour traces of a selection; frames, audio on a slider."
     def __init__(
         self,
         traces: DeformationTraces,  # from compute_traces

@@ -75,10 +75,10 @@ def generated_all(lines: list[str]) -> set[int]:
 
 
 def long_lines(text: str) -> list[int]:
-    "1-based numbers of lines over 120 characters, nbdev's generated `__all__` aside."
+    "1-based numbers of lines over 120 bytes of UTF-8 (Δ counts twice), nbdev's generated `__all__` aside."
     lines = text.splitlines()
     skip = generated_all(lines)
-    return [i + 1 for i, line in enumerate(lines) if len(line) > 120 and i not in skip]
+    return [i + 1 for i, line in enumerate(lines) if len(line.encode()) > 120 and i not in skip]
 
 
 def semicolon_lines(text: str) -> list[int]:
@@ -102,3 +102,4 @@ def test_checks_can_fail(tmp_path):
     assert "branch_stage" in imports("bench") and "model" in imports("synthesize") and "core" in imports("gaussians")
     text = '__all__ = ["' + "a" * 130 + '",\n    "b"]\nx = 1; y = "; in a string"  # ; in a comment\n' + "z" * 121 + "\n"
     assert long_lines(text) == [4] and semicolon_lines(text) == [3]
+    assert long_lines("# " + "Δ" * 60 + "\n") == [1]                              # 60 characters, 122 bytes
