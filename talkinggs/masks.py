@@ -85,7 +85,7 @@ def background_plate(frames: np.ndarray,  # [K, H, W, 3] uint8, a sample of the 
     if (~seen).any(): plate = cv2.inpaint(plate, (~seen).astype(np.uint8), 5, cv2.INPAINT_TELEA)
     return plate
 
-NECK_ROWS = 3      # neck rows under the jaw whose mean colour is carried up (ours: a 512 px frame's neck is ~100 rows)
+NECK_ROWS = 3      # torso rows under the head whose mean colour is carried up (ours: a 512 px frame's neck is ~100 rows)
 NECK_REACH = 0.5   # share of the head's height in a column that the neck is carried over (ours: the jaw's whole travel
                    # is inside the lower half; the top half would show neck colour above a nodding head's hair)
 
@@ -94,15 +94,15 @@ def neck_under_head(lab: np.ndarray,    # [H, W] uint8 labels
                     rows: int = NECK_ROWS,
                     reach: float = NECK_REACH,
                    ) -> np.ndarray:     # [W, 5] int16: first neck row, lowest filled row, colour (RGB); -1 rows: none
-    "Per column: where the neck meets the head from below, how far up it is carried, and the colour it carries."
+    "Per column: where the torso meets the head from below, how far up it is carried, and the colour it carries."
     H, W = lab.shape
     head, torso = lab >= HAIR, lab == TORSO                                   # [H, W] each
     cols = np.arange(W)
     has_head = head.any(0)                                                    # [W]
     first = np.argmax(head, 0)                                                # [W] highest head row
     top = H - np.argmax(head[::-1], 0)                                        # [W] first row under the head
-    jaw = lab[np.clip(top - 1, 0, H - 1), cols] >= FACE                       # [W] the head ends with the face here
-    neck = has_head & jaw & (top < H) & torso[np.minimum(top, H - 1), cols]  # [W] and a torso pixel lies under it
+    # [W] a torso pixel lies right under the head: the neck under the jaw, or shoulders under falling hair
+    neck = has_head & (top < H) & torso[np.minimum(top, H - 1), cols]
     ys = np.minimum(top[None] + np.arange(rows)[:, None], H - 1)              # [rows, W]
     ok = torso[ys, cols] & neck                                               # [rows, W] neck pixels sampled
     colour = (frame[ys, cols] * ok[..., None]).sum(0) / np.maximum(ok.sum(0), 1)[:, None]   # [W, 3]
@@ -117,7 +117,7 @@ def torso_bg_layer(frame: np.ndarray,              # [H, W, 3] uint8
                    plate: np.ndarray,              # [H, W, 3] uint8 background plate
                    neck: np.ndarray | None = None, # [W, 5] `neck_under_head` of this frame (None: computed here)
                   ) -> np.ndarray:                 # [H, W, 3] uint8
-    "The frame outside the head, the plate inside it, and the neck carried up under the jaw."
+    "The frame outside the head, the plate inside it, and the torso carried up under the jaw and hair."
     neck = neck_under_head(lab, frame) if neck is None else neck
     head = lab >= HAIR                                                        # [H, W]
     rows = np.arange(lab.shape[0])[:, None]                                   # [H, 1]
