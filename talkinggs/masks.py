@@ -85,7 +85,7 @@ def background_plate(frames: np.ndarray,  # [K, H, W, 3] uint8, a sample of the 
     if (~seen).any(): plate = cv2.inpaint(plate, (~seen).astype(np.uint8), 5, cv2.INPAINT_TELEA)
     return plate
 
-NECK_ROWS = 3      # torso rows under the head whose mean colour is carried up (ours: a 512 px frame's neck is ~100 rows)
+NECK_ROWS = 3      # torso rows under the head whose mean colour is carried up (ours: a 512 px neck is ~100 rows)
 NECK_REACH = 0.5   # share of the head's height in a column that the neck is carried over (ours: the jaw's whole travel
                    # is inside the lower half; the top half would show neck colour above a nodding head's hair)
 
