@@ -13,7 +13,7 @@ from .landmarks import (LIP_GAP_PAIRS, MOUTH_CORNERS, INNER_LIP, OUTER_LIP, RIGH
 
 # %% auto #0
 __all__ = ['AU_NAMES', 'eye_aspect_ratio', 'normalise_per_video', 'action_signals', 'load_openface_aus', 'align_length',
-           'audio_windows', 'load_feature_array', 'transformer_features']
+           'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features']
 
 # %% ../nbs/15_features.ipynb #2f6d22f8
 def _d(lms, a, b):  # distances between landmarks a and b, [...] for lms [..., 478, C]
@@ -114,10 +114,19 @@ def audio_windows(audio: np.ndarray,     # [S] float32 mono
     if kind == "mfcc": feat = librosa.feature.mfcc(S=feat, n_mfcc=n_feats)
     elif kind != "logmel": raise ValueError(f"unknown audio feature kind {kind!r} (use 'logmel' or 'mfcc')")
     feat = feat.T.astype(np.float32)                                   # [T, D], frame k centred at k*hop samples
+    return frame_windows(feat, n_frames, window)                       # silence (the minimum) beyond the ends
+
+def frame_windows(feat: np.ndarray,              # [T, D] a feature track, two frames per video frame
+                  n_frames: int,                  # video frames
+                  window: int = 16,               # track frames per video frame
+                  pad: np.ndarray | None = None,  # [D] the row beyond the ends (None: the track's minimum)
+                 ) -> np.ndarray:                 # [n_frames, window, D] float32
+    "Windows of a track at two frames per video frame (frame k at k/(2 fps) s), centred on each video frame."
+    feat = np.asarray(feat, np.float32)
+    row = np.full(feat.shape[1], feat.min(), np.float32) if pad is None else np.asarray(pad, np.float32)
     half = window // 2
-    padded = np.concatenate([np.full((half, feat.shape[1]), feat.min(), np.float32), feat,
-                             np.full((window, feat.shape[1]), feat.min(), np.float32)])
-    centres = 2 * np.arange(n_frames) + 1                              # spectrogram frame at (i + 1/2)/fps
+    padded = np.concatenate([np.repeat(row[None], half, 0), feat, np.repeat(row[None], window, 0)])
+    centres = 2 * np.arange(n_frames) + 1                              # track frame at (i + 1/2)/fps
     idx = centres[:, None] - half + np.arange(window)[None] + half     # [N, window] into `padded`
     return padded[idx]
 
