@@ -15,7 +15,7 @@ from .bookkeeping import atomic_write_text, versions
 from .train_config import TrainConfig
 from .model import METHODS
 from .train import train
-from .evaluate import evaluate
+from .evaluate import evaluate, render_frames, lip_spread
 
 # %% auto #0
 __all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'run_row', 'check_rows',
@@ -54,6 +54,10 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     *method_rows("table4"),
     Row("table4_no_is", "TalkingGaussian Table 4: no incremental sampling, frames drawn uniformly",
         dict(incremental_sampling=False)),
+    Row("phones", "the mouth: phones heard by PocketSphinx drive the fields instead of the log-mel (chapter 15a)",
+        dict(audio_features="phones")),
+    Row("phones_mel", "the mouth: phones and the log-mel side by side", dict(audio_features="both")),
+    Row("random_bg_phones", "random_bg and phones together", dict(random_bg=True, audio_features="phones")),
 ]}
 
 ROW_GROUPS = {   # a name that stands for several rows
@@ -61,6 +65,8 @@ ROW_GROUPS = {   # a name that stands for several rows
     "table4": ["baseline", *(r.name for r in method_rows("table4")), "table4_no_is"],
     # the three methods side by side
     "methods": ["baseline", *(r.name for r in method_rows("methods"))],
+    # what the mouth is driven by and trained over
+    "mouths": ["baseline", "phones", "phones_mel", "random_bg", "random_bg_phones"],
 }
 
 def expand_rows(rows: list[str]) -> list[str]:
@@ -87,7 +93,9 @@ def run_row(data: str | Path,          # preprocessed clip
             base: dict | None = None,   # fields set for every row (see `row_config`)
             train_frames: int = 60,     # training frames evaluated (evenly spaced)
             static: bool = True,        # also evaluate the test frames with the motion fields off
-            progress: bool = False) -> dict:
+            progress: bool = False,
+            novel: str | None = None,   # speech by another voice: frames driven by it saved for `lip_spread`
+           ) -> dict:
     "Train a row; evaluate test (moving, static) and train frames; write out/<row>_s<seed>/row.json (atomic); its dict."
     folder = Path(out) / f"{row.name}_s{seed}"
     if (folder / "row.json").is_file(): return json.loads((folder / "row.json").read_text())   # done before
@@ -98,8 +106,9 @@ def run_row(data: str | Path,          # preprocessed clip
     test = evaluate(folder / "run", device=dev, video=False, progress=False)
     tr = evaluate(folder / "run", device=dev, video=False, progress=False, split="train", train_frames=train_frames)
     still = evaluate(folder / "run", device=dev, video=False, progress=False, static=True) if static else None
+    if novel is not None: render_frames(folder / "run", novel, folder / "run" / "novel", device=str(dev))
     res = dict(row=row.name, seed=seed, cause=row.cause, changes=row.changes, base=base or {},
-               data=str(Path(data).resolve()),
+               data=str(Path(data).resolve()), novel_audio=None if novel is None else str(novel),
                train_seconds=round(seconds, 1), test=_summary(test), train=_summary(tr), config=asdict(cfg),
                **({"test_static": _summary(still)} if still else {}),
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", versions=versions("gsplat"),
@@ -108,14 +117,14 @@ def run_row(data: str | Path,          # preprocessed clip
     return res
 
 # %% ../nbs/33_ablation.ipynb #0000000c
-def _worker(jobs, device, base, train_frames, static):
+def _worker(jobs, device, base, train_frames, static, novel=None):
     "One device: take (data, out, row name, seed) jobs from the queue until it is empty."
     import queue, traceback
     if device.startswith("cuda"): torch.cuda.set_device(device)
     while True:
         try: data, out, name, seed = jobs.get(timeout=2)    # (a queue's put reaches other processes a moment later)
         except queue.Empty: return
-        try: run_row(data, out, ROWS[name], seed, device, base, train_frames, static)
+        try: run_row(data, out, ROWS[name], seed, device, base, train_frames, static, novel=novel)
         except Exception:
             d = Path(out) / f"{name}_s{seed}"
             d.mkdir(parents=True, exist_ok=True)
@@ -142,7 +151,8 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
              devices: list[str] | None = None,
              base: dict | None = None,           # fields set for every row
              train_frames: int = 60,
-             static: bool = True) -> None:       # also evaluate each row's static model (`run_row`)
+             static: bool = True,                # also evaluate each row's static model (`run_row`)
+             novel: str | None = None) -> None:  # speech by another voice for each row's lip spread (`run_row`)
     "Train and evaluate every job (`run_row`), one worker process per entry of `devices`, all drawing from one queue."
     for data, *_ in jobs:
         if not (Path(data) / "meta.json").is_file():
@@ -155,9 +165,9 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
     for data, out, name, seed in jobs:
         Path(out).mkdir(parents=True, exist_ok=True)
         queue.put((str(data), str(out), name, int(seed)))
-    if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static)
+    if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static, novel)
     else:
-        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames, static)) for d in devices]
+        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames, static, novel)) for d in devices]
         for p in procs: p.start()
         for p in procs: p.join()
 
@@ -166,10 +176,12 @@ def ablate(data: str | Path, out: str | Path,
            seeds: tuple = (0,),
            devices: list[str] | None = None,  # default: every visible GPU, else ["cpu"]
            base: dict | None = None,          # fields set for every row
-           train_frames: int = 60) -> list[dict]:
+           train_frames: int = 60,
+           novel: str | None = None,          # speech by another voice: each row's frames driven by it (`run_row`)
+          ) -> list[dict]:
     "Run every (row, seed) with one worker per device; write row JSONs, ablation.json and ablation.md; the rows."
     rows = check_rows(rows)
-    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames)
+    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames, novel=novel)
     return write_table(out, rows, seeds)
 
 # %% ../nbs/33_ablation.ipynb #0000000e
@@ -177,8 +189,9 @@ TABLE_COLUMNS = [   # (header, split, key in the summary)
     ("head PSNR", "test", "psnr_head"), ("PSNR", "test", "psnr"), ("SSIM face", "test", "ssim_face"),
     ("LMD centred", "test", "lmd_centred"), ("LMD", "test", "lmd"),
     ("LMD centred static", "test_static", "lmd_centred"), ("mouth corr", "test", "mouth_open_corr"),
+    ("lip spread", "test", "mouth_open_share"), ("lip spread new audio", "novel", "novel_open_share"),
     ("mouth interior", "test", "psnr_mouth_interior"), ("lips", "test", "psnr_lips"),
-    ("silhouette", "test", "psnr_silhouette"),
+    ("silhouette", "test", "psnr_silhouette"), ("jaw band", "test", "psnr_jaw_neck"),
     ("head PSNR train", "train", "psnr_head"), ("mouth interior train", "train", "psnr_mouth_interior")]
 
 def _fmt(v) -> str:
@@ -213,7 +226,7 @@ def write_table(out: str | Path, rows: list[str] | None = None, seeds: tuple | N
     return res
 
 def fill_lip_metrics(out: str | Path, data: str | Path | None = None) -> list[dict]:
-    "Each row's LMD and mouth-opening correlation from saved test renders (where mediapipe works); rewrites the JSONs."
+    "Each row's LMD, lip correlation and spread from saved renders (where mediapipe works); rewrites the JSONs."
     res = []
     for p in sorted(Path(out).glob("*_s*/row.json")):
         r = json.loads(p.read_text())
@@ -227,7 +240,8 @@ def fill_lip_metrics(out: str | Path, data: str | Path | None = None) -> list[di
                 atomic_write_text(json.dumps(rep, indent=1), rp)
             rep = evaluate(run, static=static, lmd_only=True)
             r[split].update({k: rep["summary"].get(k)
-                             for k in ("lmd", "lmd_centred", "mouth_open_corr", "faces_found")})
+                             for k in ("lmd", "lmd_centred", "mouth_open_corr", "mouth_open_share", "faces_found")})
+        if (run / "novel" / "frames.json").is_file(): r["novel"] = lip_spread(run / "novel", data)
         atomic_write_text(json.dumps(r, indent=1, default=float), p)
         res.append(r)
     write_table(out)

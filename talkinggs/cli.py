@@ -246,10 +246,13 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                devices: DEVICES = None,
                config: CONFIG = None,
                lip: LIP = False,
+               novel: Param("speech by another voice (e.g. novel_speech_8s.wav): each row also renders frames driven "
+                            "by it, whose lip spread --lip measures", str) = None,
                list_rows: Param("print the rows and what each tests", store_true) = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
     from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics
     from talkinggs.train_config import parse_changes
+    from talkinggs.samples import SAMPLES, get_sample
     if list_rows:
         for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
@@ -258,8 +261,10 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
         if lip: fill_lip_metrics(out, data)
         else:
             if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
+            if novel and not Path(novel).exists() and novel in SAMPLES: novel = str(get_sample(novel))
+            if novel and not Path(novel).is_file(): raise FileNotFoundError(f"--novel {novel}: no such audio file")
             ablate(data, out, rows.split(",") if rows else None, _numbers(seeds, int, "--seeds"),
-                   devices.split(",") if devices else None, parse_changes(config) or None)
+                   devices.split(",") if devices else None, parse_changes(config) or None, novel=novel)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
 

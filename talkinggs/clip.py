@@ -12,9 +12,49 @@ import torch
 from tqdm.auto import tqdm
 
 from .masks import HAIR, MOUTH, split_labels, neck_under_head, torso_bg_layer
+from .features import audio_windows
+from .phones import phone_windows
 
 # %% auto #0
-__all__ = ['META_KEYS', 'read_meta', 'TalkingDataset', 'FrameStore']
+__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'audio_inputs', 'clip_audio', 'read_meta', 'TalkingDataset',
+           'FrameStore']
+
+# %% ../nbs/17_clip.ipynb #e72df856
+AUDIO_FEATURES = ("mel", "phones", "both")   # what drives the motion fields: chapter 15's log-mel, 15a's phones, both
+
+def check_audio_features(kind: str) -> str:
+    "`kind` if it names audio windows a model can take; one line otherwise."
+    if kind not in AUDIO_FEATURES:
+        raise ValueError(f"audio_features must be one of {', '.join(AUDIO_FEATURES)}, got {kind!r}")
+    return kind
+
+def audio_inputs(wav: np.ndarray,   # [S] float32 mono at the clip's sample rate
+                 n_frames: int,      # video frames
+                 meta: dict,         # the clip's meta.json (sample rate, fps, how its log-mel was made)
+                 kind: str = "mel",  # one of AUDIO_FEATURES
+                ) -> np.ndarray:     # [n_frames, 16, D] float32 (D: 80 mel, 40 phones, 120 both)
+    "The audio windows of one kind for any audio track, made as preprocessing made the clip's."
+    sr, fps, c = meta["sample_rate"], meta["fps"], meta["config"]
+    parts = []
+    if check_audio_features(kind) in ("mel", "both"):
+        parts.append(audio_windows(wav, n_frames, sr, fps, c["audio_kind"], c["audio_dim"]))
+    if kind in ("phones", "both"): parts.append(phone_windows(wav, n_frames, sr, fps))
+    return np.concatenate(parts, -1)
+
+def clip_audio(root: str | Path,   # a data folder
+               meta: dict,         # its meta.json
+               kind: str = "mel",  # one of AUDIO_FEATURES
+              ) -> np.ndarray:     # [N, 16, D]
+    "A data folder's audio windows of one kind (phones made from its audio.wav when the folder has none)."
+    root = Path(root)
+    mel = np.load(root / "audio_feats.npy", mmap_mode="r")                    # [N, 16, 80] memory-mapped
+    if check_audio_features(kind) == "mel": return mel
+    if (root / "phones.npy").is_file(): ph = np.load(root / "phones.npy")      # [N, 16, 40]
+    else:
+        from scipy.io import wavfile
+        sr, pcm = wavfile.read(root / "audio.wav")
+        ph = phone_windows(pcm.astype(np.float32) / 32767, meta["n_frames"], sr, meta["fps"])
+    return ph if kind == "phones" else np.concatenate([np.asarray(mel), ph], -1)
 
 # %% ../nbs/17_clip.ipynb #317d93d0
 META_KEYS = ("n_frames", "fps", "width", "height", "split", "sample_rate")   # what readers of meta.json rely on
@@ -37,6 +77,7 @@ class TalkingDataset(torch.utils.data.Dataset):
                  split: str = "train",               # "train", "test" or "all"
                  device: str | torch.device = "cpu",  # where tensors are returned
                  frames_on_device: bool = False,      # decode all frames once into a uint8 tensor on `device`
+                 audio: str = "mel",                  # which audio windows (`AUDIO_FEATURES`)
                 ):
         self.root, self.device = Path(root), torch.device(device)
         self.meta = read_meta(self.root)
@@ -48,7 +89,7 @@ class TalkingDataset(torch.utils.data.Dataset):
         self.Ks = torch.from_numpy(cams["Ks"]).float()                                 # [N, 3, 3]
         self.expr = torch.from_numpy(act["e"]).float()                                 # [N, 7]
         self.signals = {k: torch.from_numpy(act[k]).float() for k in ("lips_open", "au25", "au45")}  # each [N]
-        self.audio = np.load(self.root / "audio_feats.npy", mmap_mode="r")             # [N, 16, D] memory-mapped
+        self.audio = clip_audio(self.root, self.meta, audio)                          # [N, 16, D]
         self.plate = torch.from_numpy(self._read(self.root / "background.png")).to(self.device)  # [H, W, 3] uint8, once
         self.frames = None
         if frames_on_device:
@@ -99,8 +140,10 @@ class FrameStore:
                  device: str | torch.device = "cpu",      # training device
                  on_device: bool | None = None,           # keep frames on `device` (None: when they fit)
                  progress: bool = True,                   # tqdm bar while decoding
-                 cameras: torch.Tensor | None = None):    # [N, 4, 4] refined world-to-camera (a model's `viewmats`)
-        ds = TalkingDataset(root, split="all")
+                 cameras: torch.Tensor | None = None,     # [N, 4, 4] refined world-to-camera (a model's `viewmats`)
+                 audio: str = "mel"):                     # which audio windows (`AUDIO_FEATURES`)
+        ds = TalkingDataset(root, split="all", audio=audio)
+        self.audio_kind = audio                                                   # what `self.audio` holds
         self.root, self.meta, self.device = Path(root), ds.meta, torch.device(device)
         n, H, W = self.meta["n_frames"], self.meta["height"], self.meta["width"]
         self.n, self.H, self.W = n, H, W

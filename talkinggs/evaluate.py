@@ -19,12 +19,13 @@ from .pose_refine import refine_cameras
 from .metrics import (
     psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
     region_masks, region_psnr, REGIONS,
-    mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, summarize)
+    mouth_landmarks, lmd, mouth_opening, pearson, spread_share, audio_energy, summarize)
 from .landmarks import MOUTH_IDX
-from .synthesize import load_run, Renderer
+from .synthesize import (load_run, Renderer, FastRenderer, audio_features, drive_track,
+                                  background_for)
 
 # %% auto #0
-__all__ = ['LMD_SET', 'evaluate', 'mouth_audio_sync']
+__all__ = ['LMD_SET', 'evaluate', 'render_frames', 'lip_spread', 'mouth_audio_sync']
 
 # %% ../nbs/32_evaluate.ipynb #23d8e50e
 def _mediapipe_ok() -> str | None:
@@ -36,7 +37,7 @@ def _mediapipe_ok() -> str | None:
 LMD_SET = "mediapipe FaceMesh, the 40 lip-contour points (INNER_LIP + OUTER_LIP)"   # the landmark set LMD is over
 
 def _lip_metrics(renders: np.ndarray, store: FrameStore, idx: np.ndarray) -> dict:
-    "LMD (absolute and centred) and mouth-opening correlation of renders [N, H, W, 3] uint8 against the ground truth."
+    "LMD (absolute, centred), mouth-opening correlation and spread share of renders [N, H, W, 3] uint8 vs the truth."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm_pred = mouth_landmarks(renders, idx=None)                          # [N, 478, 2]
@@ -45,7 +46,8 @@ def _lip_metrics(renders: np.ndarray, store: FrameStore, idx: np.ndarray) -> dic
     op_pred, op_gt = mouth_opening(lm_pred), mouth_opening(lm_gt)
     a, b = lm_pred[:, MOUTH_IDX], lm_gt[:, MOUTH_IDX]                         # [N, 40, 2]
     return dict(lmd=lmd(a, b, scale=scale), lmd_centred=lmd(a, b, scale=scale, centred=True),
-                mouth_open_corr=pearson(op_pred, op_gt), faces_found=float((~np.isnan(lm_pred[:, 0, 0])).mean()))
+                mouth_open_corr=pearson(op_pred, op_gt), mouth_open_share=spread_share(op_pred, op_gt),
+                faces_found=float((~np.isnan(lm_pred[:, 0, 0])).mean()))
 
 def _eval_frames(store: FrameStore, split: str, train_frames: int) -> np.ndarray:  # [F] frame numbers
     "The test split, or at most `train_frames` evenly spaced training frames."
@@ -173,6 +175,52 @@ def _clean(x):
 def _write_report(rep: dict, path: Path) -> None:
     "The report as strict JSON, written atomically."
     atomic_write_text(json.dumps(_clean(rep), indent=1), path)
+
+# %% ../nbs/32_evaluate.ipynb #191f371a
+def render_frames(run: str | Path,                  # a trained run folder
+                  audio: str | Path,                 # any speech recording (or video with sound)
+                  out: str | Path,                   # folder for the frames (000000.png, ...)
+                  data: str | Path | None = None,    # the data folder (default: the one the run was trained on)
+                  device: str = "auto",
+                  max_frames: int = 200,             # at most this many frames (8 s at 25 fps)
+                 ) -> int:                           # frames written
+    "Frames of a run driven by new audio, saved as PNG files (poses walked along the training track)."
+    import cv2
+    head, data, _ = load_run(run, device, data)
+    store = model_store(head, data)
+    f, _ = audio_features(audio, store.meta, head.cfg.audio_features)
+    feats = torch.from_numpy(f).to(head.device)                                 # [T, 16, D]
+    n = min(len(feats), max_frames)
+    track = drive_track(store, n)                                             # [n] frame numbers of the poses
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = FastRenderer(head)
+    for t in range(n):
+        i = int(track[t])
+        o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.expr[i], background_for(store, i))
+        cv2.imwrite(str(out / f"{t:06d}.png"), to_uint8(o["image"])[..., ::-1])
+    atomic_write_text(json.dumps(dict(audio=str(audio), data=str(data), frames=n)), out / "frames.json")
+    return n
+
+def lip_spread(frames: str | Path,           # a folder of `render_frames`
+               data: str | Path | None = None,  # the clip whose real lips are the yardstick (default: frames.json's)
+              ) -> dict:                    # opening std of the renders and of the real training frames, their share
+    "How much the rendered lips open and close, against the real training clip (`spread_share`)."
+    import cv2
+    why = _mediapipe_ok()
+    if why: raise RuntimeError(f"the lip spread needs {why}")
+    frames = Path(frames)
+    info = json.loads((frames / "frames.json").read_text())
+    data = Path(data or info["data"])
+    a, b = json.loads((data / "meta.json").read_text())["split"]["train"]
+    lms = np.load(data / "landmarks.npy", mmap_mode="r")                       # [N, 478, 3] the real lips
+    real = mouth_opening(np.asarray(lms[a:b, :, :2]))                          # [n_train] pixels
+    imgs = np.stack([cv2.imread(str(frames / f"{t:06d}.png"))[..., ::-1] for t in range(info["frames"])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rendered = mouth_opening(mouth_landmarks(imgs, idx=None))             # [T] pixels, NaN without a face
+    return dict(novel_open_std=float(np.nanstd(rendered)), real_open_std=float(real.std()),
+                novel_open_share=spread_share(rendered, real), frames=int(info["frames"]))
 
 # %% ../nbs/32_evaluate.ipynb #0d398434
 def mouth_audio_sync(video: str | Path, audio: str | Path | None = None,  # video file; audio file (default: its own)

@@ -16,8 +16,8 @@ from .landmarks import (INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, MOUTH_IDX, RIGHT_EY
 
 # %% auto #0
 __all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'error_colors',
-           'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'audio_energy', 'smooth',
-           'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
+           'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'spread_share', 'audio_energy',
+           'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
 
 # %% ../nbs/18_metrics.ipynb #21d2070d
 def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0, 1] (or uint8 numpy)
@@ -201,6 +201,15 @@ def pearson(a: np.ndarray,  # [N] first signal
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0: return float("nan")  # undefined: too short or constant
     x, y = x - x.mean(), y - y.mean()
     return float(np.clip((x * y).sum() / math.sqrt(float((x * x).sum() * (y * y).sum())), -1, 1))
+
+def spread_share(pred: np.ndarray,  # [N] a rendered signal (e.g. lip opening per frame)
+                 real: np.ndarray,  # [N'] the real one it should match (any length)
+                ) -> float:         # std(pred) / std(real); NaN: under 2 finite values in either, or real is flat
+    "How much a rendered signal varies, as a share of how much the real one does (1: as much, 0: not at all)."
+    x, y = np.asarray(pred, np.float64).ravel(), np.asarray(real, np.float64).ravel()
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    if len(x) < 2 or len(y) < 2 or y.std() == 0: return float("nan")
+    return float(x.std() / y.std())
 
 def audio_energy(wav: np.ndarray | str | Path,  # [S] or [S, C] samples, or an audio/video file (decoded to mono)
                  sr: int,                       # sample rate (Hz); also the decode rate for a file

@@ -18,6 +18,7 @@ from .gaussians import init_random, activate, sh_degree_of
 from .rasterize import rasterize
 from .landmarks import INNER_LIP, MOUTH_CORNERS
 from .clip import FrameStore
+from .phones import PHONES
 from .motion_field import (MotionField, face_branch_config, mouth_branch_config, single_branch_config,
                                     appearance_config, apply_deformation)
 from .audio_encoder import AudioEncoder, AudioEncoderConfig, neighbour_indices
@@ -55,6 +56,7 @@ class HeadConfig:
     mouth_center: tuple = (0.0, 0.0, 0.0) # mouth box centre
     mouth_bound: float = 0.05             # mouth box half side
     feat_dim: int = 80                    # audio feature size D (log-mel bands, chapter 15)
+    audio_features: str = "mel"           # which audio windows drive it: mel, phones or both (chapter 17)
     window: int = 16                      # audio feature frames per video frame
     code_dim: int = 32                    # audio code size A (TalkingGaussian: 32)
     expr_dim: int = 7                     # expression size (7 AUs)
@@ -282,7 +284,7 @@ def head_from_store(store: FrameStore,
     geo = head_geometry(store)
     cfg = HeadConfig(width=store.W, height=store.H, fps=store.meta["fps"], center=geo["center"], bound=geo["bound"],
                      mouth_center=geo["mouth_center"], mouth_bound=geo["mouth_bound"], feat_dim=store.audio.shape[-1],
-                     window=store.audio.shape[1], method=method, pose_dim=pose_dim)
+                     window=store.audio.shape[1], audio_features=store.audio_kind, method=method, pose_dim=pose_dim)
     head = TalkingHead(cfg, store.device, seed, sh_degree, face_points, mouth_points)
     for b in head.branches:
         if getattr(b.motion.cfg, "pose_dim", 0):
@@ -290,6 +292,9 @@ def head_from_store(store: FrameStore,
     tr = store.audio[torch.as_tensor(store.train_idx, device=store.device)]       # [n_train, W, D]
     head.feat_mean.copy_(tr.mean((0, 1)))
     head.feat_std.copy_(tr.std((0, 1)).clamp_min(1e-3))
+    if store.audio_kind != "mel":   # phones, the last 40 values: one-hot, on a unit scale already; a phone the clip
+        n = len(PHONES)             # never says has std 0 and would blow up when new audio says it (ours)
+        head.feat_mean[-n:], head.feat_std[-n:] = 0.0, 1.0
     return head
 
 # %% ../nbs/25_model.ipynb #642ca75b
@@ -330,4 +335,4 @@ def load_head(path_or_state: str | Path | dict, device: str | torch.device = "cp
 
 def model_store(head: TalkingHead, data: str | Path, progress: bool = False) -> FrameStore:
     "The clip a model was trained on, on the model's device, seen through the model's cameras (stage 0)."
-    return FrameStore(data, head.device, progress=progress, cameras=head.viewmats)
+    return FrameStore(data, head.device, progress=progress, cameras=head.viewmats, audio=head.cfg.audio_features)

@@ -47,7 +47,7 @@ def phone_segments(wav: np.ndarray,          # [S] float32 mono in [-1, 1]
                   dither=True, seed=1,               # ours: digital silence (zeros) decodes as "S" without dither
                   loglevel="FATAL")
     dec.start_utt()
-    dec.process_raw((np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
+    dec.process_raw(np.round(np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
     dec.end_utt()
     known = set(PHONES)
     return [(s.word if s.word in known else "SIL", s.start_frame / 100, (s.end_frame + 1) / 100)  # 10 ms frames

@@ -20,6 +20,7 @@ from .video import (probe_video, check_header, check_faces, check_scan_quality, 
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH
 from .features import action_signals, audio_windows, align_length
+from .phones import phone_windows, phones_missing
 from .bookkeeping import versions
 
 # %% auto #0
@@ -63,8 +64,11 @@ def _tail(tmp: str | Path,         # the temporary output folder
              focal=pose["focal"], rms_px=pose["rms_px"], per_frame_rms=pose["per_frame_rms"])
     sig = action_signals(lms, cfg.fps)
     np.savez(tmp / "actions.npz", **sig)
-    wavfile.write(tmp / "audio.wav", cfg.sr, (np.clip(wav, -1, 1) * 32767).astype(np.int16))
+    pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)                      # [S] what audio.wav holds
+    wavfile.write(tmp / "audio.wav", cfg.sr, pcm)
     np.save(tmp / "audio_feats.npy", audio_windows(wav, len(lms), cfg.sr, cfg.fps, cfg.audio_kind, cfg.audio_dim))
+    if phones_missing() is None:   # from the samples of audio.wav, so that phones made from that file later agree
+        np.save(tmp / "phones.npy", phone_windows(pcm.astype(np.float32) / 32767, len(lms), cfg.sr, cfg.fps))
     return dict(rms_px=pose["rms_px"], focal=pose["focal"], blinks=sig["blinks"].tolist())
 
 def _tail_worker() -> None:

@@ -286,7 +286,7 @@ def open_run(data: str | Path,                  # folder written by `talkinggs p
         raise ValueError(f"{data} is not the data {folder} was trained on (checksum differs)")
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(folder)                       # a save cut short by a kill: never read
-    store = FrameStore(data, device, progress=progress)
+    store = FrameStore(data, device, progress=progress, audio=cfg.audio_features)
     run = Run(cfg, store, None, folder, progress)
     if not exists:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -16,7 +16,7 @@ from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
 from .bookkeeping import sigterm_as_interrupt
 from .video import mirrored_loop, VideoWriter
-from .clip import FrameStore
+from .clip import FrameStore, audio_inputs
 from .model import METHODS, TalkingHead, load_head, model_store
 from .torso import Torso, load_torso
 from .fusion import composite_over
@@ -169,17 +169,17 @@ class FastRenderer:
 # %% ../nbs/31_synthesize.ipynb #e5f5b8ec
 def audio_features(audio: str | Path | np.ndarray,  # audio/video file, or [S] float32 mono at meta's sample rate
                    meta: dict,                       # the data folder's meta.json
+                   kind: str = "mel",                # the model's `audio_features` (mel, phones or both)
                   ) -> tuple[np.ndarray, np.ndarray]:  # (windows [T, W, D] float32, samples [S])
     "Per-video-frame feature windows of an audio track, computed as preprocessing did for the training clip."
-    from talkinggs.features import audio_windows
-    sr, fps, c = meta["sample_rate"], meta["fps"], meta["config"]
+    sr, fps = meta["sample_rate"], meta["fps"]
     if isinstance(audio, (str, Path)):
         from talkinggs.video import load_audio
         audio = load_audio(audio, sr)
     audio = np.asarray(audio, np.float32)
     n = int(len(audio) * fps / sr)
     if n < 1: raise ValueError(f"audio of {len(audio)} samples is shorter than one video frame")
-    return audio_windows(audio, n, sr, fps, c["audio_kind"], c["audio_dim"]), audio
+    return audio_inputs(audio, n, meta, kind), audio
 
 def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarray:  # [n_out] frame numbers
     "Frame numbers of the training track walked forwards and backwards to cover `n_out` output frames."
@@ -230,7 +230,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         feats, wav, track = store.audio, None, np.arange(store.n)
         audio_path = data / "audio.wav"
     else:
-        f, wav = audio_features(audio, store.meta)
+        f, wav = audio_features(audio, store.meta, head.cfg.audio_features)
         feats, track, audio_path = torch.from_numpy(f).to(head.device), drive_track(store, len(f)), None
     n = len(feats) if max_frames is None else min(len(feats), max_frames)
     track = track[:n]
@@ -265,9 +265,8 @@ def stream_frames(renderer: Renderer, store: FrameStore,
                   context: int = 50,                   # frames of audio kept before it for the features (2 s)
                  ) -> Iterator[np.ndarray]:            # [H, W, 3] uint8 frames, in order
     "Yield rendered frames while audio chunks arrive (latency: `lookahead` frames)."
-    from talkinggs.features import audio_windows
     meta = store.meta
-    sr, fps, c = meta["sample_rate"], meta["fps"], meta["config"]
+    sr, fps = meta["sample_rate"], meta["fps"]
     spf = sr / fps
     buf, t, k = np.zeros(0, np.float32), 0, 0
     track = None
@@ -278,8 +277,8 @@ def stream_frames(renderer: Renderer, store: FrameStore,
             s0 = max(0, t - context)
             n_have = int(len(buf) / spf)
             e0 = n_have if final else min(n_have, t + lookahead + 1)
-            f = audio_windows(buf[int(round(s0 * spf)):int(round(e0 * spf))], e0 - s0, sr, fps,
-                              c["audio_kind"], c["audio_dim"])
+            f = audio_inputs(buf[int(round(s0 * spf)):int(round(e0 * spf))], e0 - s0, meta,
+                             renderer.head.cfg.audio_features)
             feats = torch.from_numpy(f).to(store.device)
             i = int(store.train_idx[mirrored_loop(len(store.train_idx), t + 1)[-1]])
             o = renderer.frame(feats, t - s0, store.viewmats[i], store.Ks[i], store.expr[i],

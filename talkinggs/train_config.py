@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 import numpy as np
 from .model import METHODS
+from .clip import check_audio_features
+from .phones import phones_missing
 
 # %% auto #0
 __all__ = ['PRESETS', 'BACKENDS', 'TrainConfig', 'preset_iterations', 'resolve_config', 'is_resolved', 'cpu_demo_train_config',
@@ -33,6 +35,7 @@ class TrainConfig:
     incremental_sampling: bool = True  # Eq. 6 windows (False: frames drawn uniformly, Table 4's "w/o IS")
     method: str = "talkinggaussian"  # a key of `METHODS` (chapter 25): motion models, branches, own settings
     pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker: the viewpoint)
+    audio_features: str = "mel"      # what drives the motion fields: "mel" | "phones" | "both" (chapters 15, 15a, 17)
     sh_degree: int = 3               # highest SH degree (3DGS: 3)
     sh_interval: int = 1000          # unlock one SH degree every this many iterations (3DGS: 1,000)
     face_points: int = 10_000        # random initial face Gaussians (GSTalker: 10,000)
@@ -97,6 +100,8 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS: raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    check_audio_features(cfg.audio_features)
+    if cfg.audio_features != "mel" and phones_missing(): raise ValueError(phones_missing())
     at_least = dict(face_iters=1, mouth_iters=1, fused_iters=0, torso_iters=0, pose_iters=int(cfg.pose_refine),
                     ckpt_every=1, log_every=1, face_points=1, mouth_points=1, static_batch=1, sh_interval=1)
     for name, low in at_least.items():

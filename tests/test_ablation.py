@@ -34,7 +34,12 @@ def test_rows_change_only_known_fields():
 
 def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
     out = tmp_path / "abl"
-    res = ablate(clip, out, rows=["baseline", "random_bg"], devices=["cpu"], base=TINY, train_frames=6)
+    from scipy.io import wavfile
+    sr, pcm = wavfile.read(clip / "audio.wav")
+    novel = tmp_path / "novel.wav"                                       # any speech track: here 1.2 s of the clip's
+    wavfile.write(novel, sr, pcm[: int(1.2 * sr)])
+    res = ablate(clip, out, rows=["baseline", "random_bg"], devices=["cpu"], base=TINY, train_frames=6,
+                 novel=str(novel))
     assert [r["row"] for r in res] == ["baseline", "random_bg"]
     assert [r["config"]["random_bg"] for r in res] == [False, True]
     assert all(r["config"]["face_iters"] == 30 and r["train"]["frames"] == 6 for r in res)
@@ -48,6 +53,15 @@ def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
     again = ablate(clip, out, rows=["baseline"], devices=["cpu"], base=TINY)
     assert (out / "baseline_s0" / "row.json").stat().st_mtime_ns == stamp and again == res[:1]
     assert [r["row"] for r in read_rows(out)] == ["baseline", "random_bg"]
+    # --novel: each row rendered frames driven by the other track; --lip (fill_lip_metrics) measures their lips
+    frames = out / "baseline_s0" / "run" / "novel"
+    info = json.loads((frames / "frames.json").read_text())
+    assert res[0]["novel_audio"] == str(novel) and info["frames"] == len(list(frames.glob("*.png"))) == 30
+    from talkinggs.ablation import fill_lip_metrics
+    r = fill_lip_metrics(out)[0]
+    assert r["novel"]["frames"] == 30 and r["novel"]["real_open_std"] > 0
+    assert {"mouth_open_share", "mouth_open_corr"} <= set(r["test"])
+    assert "| lip spread | lip spread new audio |" in (out / "ablation.md").read_text().splitlines()[0]
 
 
 def test_cli_refuses_bad_rows_and_missing_data_without_writing(tmp_path):
@@ -59,4 +73,5 @@ def test_cli_refuses_bad_rows_and_missing_data_without_writing(tmp_path):
     assert r.returncode == 2 and "unknown rows ['nope']" in r.stderr and not (tmp_path / "abl").exists()
     r = run("--list_rows")
     assert r.returncode == 0 and all(name in r.stdout for name in ROWS)
+
 

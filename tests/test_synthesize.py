@@ -222,3 +222,27 @@ def test_bench_report(trained, tmp_path):
     r = subprocess.run([sys.executable, "-m", "talkinggs", "bench", "report", "--path", str(tmp_path / "nothing"),
                         "--out", str(tmp_path / "c"), "--video", str(tmp_path / "missing.mp4")], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_a_phone_driven_model_trains_and_speaks_new_audio(trained, tmp_path):
+    "audio_features='both': the clip's phones beside its log-mel drive the fields; new audio goes the same way."
+    data, _ = trained
+    assert (data / "phones.npy").is_file()                        # preprocessing wrote the phone windows
+    cfg = cpu_demo_train_config(face_iters=20, mouth_iters=10, fused_iters=2, face_points=200, mouth_points=40,
+                                audio_features="both")
+    run = tmp_path / "run"
+    train(data, run, cfg, device="cpu", progress=False)
+    head, _, _ = load_run(run, "cpu")
+    assert head.cfg.audio_features == "both" and head.cfg.feat_dim == 120
+    assert (head.feat_mean[80:] == 0).all() and (head.feat_std[80:] == 1).all()   # one-hot phones kept as they are
+    meta = json.loads((data / "meta.json").read_text())
+    feats, _ = audio_features(data / "audio.wav", meta, "both")
+    store = FrameStore(data, "cpu", progress=False, audio="both")
+    same = store.audio.numpy()                                     # new audio is windowed as the clip was:
+    assert np.allclose(feats[..., 80:], same[..., 80:], atol=1e-5)  # the same phones, and the same log-mel up to
+    assert np.abs(feats[..., :80] - same[..., :80]).mean() < 0.05   # audio.wav's 16-bit rounding (dB, mean)
+    r = render_video(run, tmp_path / "out.mp4", audio=data / "audio.wav", device="cpu", max_frames=5, progress=False)
+    assert r["frames"] == 5
+    with pytest.raises(ValueError, match="audio_features must be one of"):
+        train(data, tmp_path / "bad", cpu_demo_train_config(audio_features="deepspeech"), device="cpu", progress=False)
+    assert not (tmp_path / "bad").exists()
