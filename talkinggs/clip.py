@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 
 from .masks import HAIR, MOUTH, split_labels, neck_under_head, torso_bg_layer
 from .features import audio_windows
-from .phones import phone_windows
+from .phones import phone_windows, av_offset
 
 # %% auto #0
-__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'audio_inputs', 'clip_audio', 'read_meta', 'TalkingDataset',
-           'FrameStore']
+__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'audio_inputs', 'clip_audio', 'clip_av_shift', 'read_meta',
+           'TalkingDataset', 'FrameStore']
 
 # %% ../nbs/17_clip.ipynb #e72df856
 AUDIO_FEATURES = ("mel", "phones", "both")   # what drives the motion fields: chapter 15's log-mel, 15a's phones, both
@@ -41,20 +41,35 @@ def audio_inputs(wav: np.ndarray,   # [S] float32 mono at the clip's sample rate
     if kind in ("phones", "both"): parts.append(phone_windows(wav, n_frames, sr, fps))
     return np.concatenate(parts, -1)
 
+def _phones(root: Path, meta: dict) -> np.ndarray:  # [N, 16, 40]
+    "phones.npy, or the phones of audio.wav for a folder preprocessed before phones existed."
+    if (root / "phones.npy").is_file(): return np.load(root / "phones.npy")
+    from scipy.io import wavfile
+    sr, pcm = wavfile.read(root / "audio.wav")
+    return phone_windows(pcm.astype(np.float32) / 32767, meta["n_frames"], sr, meta["fps"])
+
 def clip_audio(root: str | Path,   # a data folder
                meta: dict,         # its meta.json
                kind: str = "mel",  # one of AUDIO_FEATURES
+               shift: int = 0,     # frame t gets the windows of frame t + shift (`clip_av_shift`; ends repeated)
               ) -> np.ndarray:     # [N, 16, D]
-    "A data folder's audio windows of one kind (phones made from its audio.wav when the folder has none)."
+    "A data folder's audio windows of one kind, optionally re-aligned to its picture."
     root = Path(root)
     mel = np.load(root / "audio_feats.npy", mmap_mode="r")                    # [N, 16, 80] memory-mapped
-    if check_audio_features(kind) == "mel": return mel
-    if (root / "phones.npy").is_file(): ph = np.load(root / "phones.npy")      # [N, 16, 40]
-    else:
-        from scipy.io import wavfile
-        sr, pcm = wavfile.read(root / "audio.wav")
-        ph = phone_windows(pcm.astype(np.float32) / 32767, meta["n_frames"], sr, meta["fps"])
-    return ph if kind == "phones" else np.concatenate([np.asarray(mel), ph], -1)
+    if check_audio_features(kind) == "mel": x = mel
+    elif kind == "phones": x = _phones(root, meta)
+    else: x = np.concatenate([np.asarray(mel), _phones(root, meta)], -1)
+    if shift == 0: return x
+    return np.asarray(x)[np.clip(np.arange(len(x)) + shift, 0, len(x) - 1)]
+
+def clip_av_shift(root: str | Path, meta: dict) -> int:
+    "The frames by which a clip's sound lags its picture (chapter 15a's `av_offset`; 0 unless clearly found)."
+    av = meta.get("av_offset")
+    if av is None:                          # preprocessed before the check existed: measured now
+        from talkinggs.metrics import mouth_opening
+        lips = mouth_opening(np.load(Path(root) / "landmarks.npy", mmap_mode="r")[:, :, :2])   # [N] pixels
+        av = av_offset(lips, _phones(Path(root), meta))
+    return int(av["shift"])
 
 # %% ../nbs/17_clip.ipynb #317d93d0
 META_KEYS = ("n_frames", "fps", "width", "height", "split", "sample_rate")   # what readers of meta.json rely on
@@ -78,6 +93,7 @@ class TalkingDataset(torch.utils.data.Dataset):
                  device: str | torch.device = "cpu",  # where tensors are returned
                  frames_on_device: bool = False,      # decode all frames once into a uint8 tensor on `device`
                  audio: str = "mel",                  # which audio windows (`AUDIO_FEATURES`)
+                 audio_shift: int = 0,                # the clip's audio re-aligned by this many frames (`clip_audio`)
                 ):
         self.root, self.device = Path(root), torch.device(device)
         self.meta = read_meta(self.root)
@@ -89,7 +105,7 @@ class TalkingDataset(torch.utils.data.Dataset):
         self.Ks = torch.from_numpy(cams["Ks"]).float()                                 # [N, 3, 3]
         self.expr = torch.from_numpy(act["e"]).float()                                 # [N, 7]
         self.signals = {k: torch.from_numpy(act[k]).float() for k in ("lips_open", "au25", "au45")}  # each [N]
-        self.audio = clip_audio(self.root, self.meta, audio)                          # [N, 16, D]
+        self.audio = clip_audio(self.root, self.meta, audio, audio_shift)             # [N, 16, D]
         self.plate = torch.from_numpy(self._read(self.root / "background.png")).to(self.device)  # [H, W, 3] uint8, once
         self.frames = None
         if frames_on_device:
@@ -141,9 +157,10 @@ class FrameStore:
                  on_device: bool | None = None,           # keep frames on `device` (None: when they fit)
                  progress: bool = True,                   # tqdm bar while decoding
                  cameras: torch.Tensor | None = None,     # [N, 4, 4] refined world-to-camera (a model's `viewmats`)
-                 audio: str = "mel"):                     # which audio windows (`AUDIO_FEATURES`)
-        ds = TalkingDataset(root, split="all", audio=audio)
-        self.audio_kind = audio                                                   # what `self.audio` holds
+                 audio: str = "mel",                      # which audio windows (`AUDIO_FEATURES`)
+                 audio_shift: int = 0):                   # frames the clip's audio is moved by (`clip_audio`)
+        ds = TalkingDataset(root, split="all", audio=audio, audio_shift=audio_shift)
+        self.audio_kind, self.audio_shift = audio, audio_shift                    # what `self.audio` holds
         self.root, self.meta, self.device = Path(root), ds.meta, torch.device(device)
         n, H, W = self.meta["n_frames"], self.meta["height"], self.meta["width"]
         self.n, self.H, self.W = n, H, W

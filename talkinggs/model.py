@@ -57,6 +57,7 @@ class HeadConfig:
     mouth_bound: float = 0.05             # mouth box half side
     feat_dim: int = 80                    # audio feature size D (log-mel bands, chapter 15)
     audio_features: str = "mel"           # which audio windows drive it: mel, phones or both (chapter 17)
+    audio_shift: int = 0                  # frames its clip's own audio was moved by in training (chapter 17)
     window: int = 16                      # audio feature frames per video frame
     code_dim: int = 32                    # audio code size A (TalkingGaussian: 32)
     expr_dim: int = 7                     # expression size (7 AUs)
@@ -284,7 +285,8 @@ def head_from_store(store: FrameStore,
     geo = head_geometry(store)
     cfg = HeadConfig(width=store.W, height=store.H, fps=store.meta["fps"], center=geo["center"], bound=geo["bound"],
                      mouth_center=geo["mouth_center"], mouth_bound=geo["mouth_bound"], feat_dim=store.audio.shape[-1],
-                     window=store.audio.shape[1], audio_features=store.audio_kind, method=method, pose_dim=pose_dim)
+                     window=store.audio.shape[1], audio_features=store.audio_kind, audio_shift=store.audio_shift,
+                     method=method, pose_dim=pose_dim)
     head = TalkingHead(cfg, store.device, seed, sh_degree, face_points, mouth_points)
     for b in head.branches:
         if getattr(b.motion.cfg, "pose_dim", 0):
@@ -335,4 +337,5 @@ def load_head(path_or_state: str | Path | dict, device: str | torch.device = "cp
 
 def model_store(head: TalkingHead, data: str | Path, progress: bool = False) -> FrameStore:
     "The clip a model was trained on, on the model's device, seen through the model's cameras (stage 0)."
-    return FrameStore(data, head.device, progress=progress, cameras=head.viewmats, audio=head.cfg.audio_features)
+    return FrameStore(data, head.device, progress=progress, cameras=head.viewmats, audio=head.cfg.audio_features,
+                      audio_shift=head.cfg.audio_shift)

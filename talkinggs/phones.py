@@ -9,7 +9,8 @@ import numpy as np
 from .features import align_length, frame_windows
 
 # %% auto #0
-__all__ = ['PHONES', 'PHONE_SIGMA', 'PHONE_SR', 'phones_missing', 'phone_segments', 'phone_track', 'phone_windows']
+__all__ = ['PHONES', 'PHONE_SIGMA', 'PHONE_SR', 'VOWELS', 'AV_MARGIN', 'AV_MIN_CORR', 'phones_missing', 'phone_segments',
+           'phone_track', 'phone_windows', 'av_offset']
 
 # %% ../nbs/15a_phones.ipynb #c67c913d
 # ARPAbet phones of PocketSphinx's US-English model (CMUdict's 39) and silence, which takes noise and fillers too
@@ -83,3 +84,27 @@ def phone_windows(wav: np.ndarray,       # [S] float32 mono
                        what="audio")
     track = phone_track(phone_segments(wav, sr), 2 * n_frames + 1)       # [2N + 1, P]
     return frame_windows(track, n_frames, window, pad=np.eye(len(PHONES), dtype=np.float32)[0])
+
+# %% ../nbs/15a_phones.ipynb #64e9ed9d
+VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")   # ARPAbet vowels
+AV_MARGIN = 0.15    # the best shift must beat shift 0 by this much in correlation (ours: May 0.29 vs -0.11)
+AV_MIN_CORR = 0.2   # ... and reach this correlation itself (ours: Trump 0.28 and the anchor 0.36 at shift 0)
+
+def av_offset(lips: np.ndarray,     # [N] inner-lip opening per video frame (pixels)
+              phones: np.ndarray,   # [N, W, P] phone windows of the same frames (`phone_windows`)
+              max_shift: int = 6,   # frames tried each way (ours: ±240 ms at 25 fps)
+             ) -> dict:             # shift in frames (> 0: the sound lags the picture), its correlation, shift 0's
+    "The shift of a clip's audio that makes the vowel share of its phones agree best with its lips."
+    from talkinggs.metrics import pearson
+    centre = phones[:, phones.shape[1] // 2]                                  # [N, P] each frame's own instant
+    v = centre[:, [PHONES.index(p) for p in VOWELS]].sum(1)                   # [N] how much of a vowel is said
+    n = len(lips)
+    corr = {}
+    for k in range(-max_shift, max_shift + 1):                                # the lips at t against the sound at t+k
+        a, b = (v[k:], lips[:n - k]) if k >= 0 else (v[:k], lips[-k:])
+        corr[k] = pearson(a, b)
+    finite = {k: c for k, c in corr.items() if c == c}
+    best = max(finite, key=finite.get) if finite else 0
+    at_zero = corr[0] if corr[0] == corr[0] else 0.0                          # NaN (flat lips) counts as none
+    found = bool(finite) and corr[best] >= AV_MIN_CORR and corr[best] - at_zero >= AV_MARGIN
+    return dict(shift=best if found else 0, best=best, corr=corr[best], corr_at_zero=corr[0], found=found)

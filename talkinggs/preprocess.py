@@ -20,7 +20,7 @@ from .video import (probe_video, check_header, check_faces, check_scan_quality, 
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH
 from .features import action_signals, audio_windows, align_length
-from .phones import phone_windows, phones_missing
+from .phones import phone_windows, phones_missing, av_offset
 from .bookkeeping import versions
 
 # %% auto #0
@@ -207,18 +207,28 @@ def preprocess(video: str | Path,                # input video (any container/co
 
             gap = np.mean([np.linalg.norm(lms[:, a, :2] - lms[:, b, :2], axis=-1) for a, b in LIP_GAP_PAIRS], 0)
             n_train = n - -(-n // cfg.test_every)                       # ceil: 200 frames -> 181 train / 19 test
+            av = av_offset(gap, np.load(tmp / "phones.npy")) if (tmp / "phones.npy").is_file() else None
+            if av is not None:                                           # JSON has no NaN: an undefined one is null
+                av = {k: (None if isinstance(v, float) and v != v else v) for k, v in av.items()}
             meta = dict(source=str(video.resolve()), source_info=asdict(info), audio_source=str(audio or video),
                         crop=dict(x0=box[0], y0=box[1], side=box[2]), n_frames=n, fps=cfg.fps, width=S, height=S,
                         sample_rate=cfg.sr, split=dict(train=[0, n_train], test=[n_train, n]),
                         landmarks_found=float(found.mean()), reprojection_rms_px=res["rms_px"], focal_px=res["focal"],
                         mouth_area_vs_lip_gap_pearson=float(np.corrcoef(mouth_area, gap)[0, 1]),
-                        blinks=res["blinks"], seconds=times,
+                        blinks=res["blinks"], av_offset=av, seconds=times,
                         versions=versions("mediapipe", "librosa", "opencv", "ffmpeg"), config=asdict(cfg))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if res["rms_px"] > cfg.max_rms_px:   # the head-pose fit does not explain the landmarks
                 warnings.warn(f"{video.name}: head-pose reprojection RMS {res['rms_px']:.2f} px "
                               f"(above {cfg.max_rms_px:g} px): "
                               f"tracking is poor (dark, blurred or occluded face?); training will suffer")
+            if av is not None and av["found"]:   # chapter 15a: the lips agree with the phones only when shifted
+                late, k = ("sound", "picture") if av["shift"] > 0 else ("picture", "sound")
+                warnings.warn(f"{video.name}: the {late} seems to lag the {k} by {abs(av['shift'])} frames "
+                              f"({1000 * abs(av['shift']) / cfg.fps:.0f} ms; lips and phones agree at "
+                              f"r = {av['corr']:.2f} "
+                              f"shifted, {av['corr_at_zero'] or 0:.2f} as recorded): train with --config "
+                              f"align_audio=true to re-align it")
             if out.exists(): shutil.rmtree(out)
             os.replace(tmp, out)                                         # the only step that creates `out`
         except BaseException:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .core import get_device, seed_everything
 from .bookkeeping import (atomic_save, atomic_write_text, load_checkpoint, remove_partial_saves,
                                    save_on_stop, MetricsLog, versions, data_checksum)
-from .clip import FrameStore, read_meta
+from .clip import FrameStore, read_meta, clip_av_shift
 from .model import TalkingHead, head_from_store, head_state, load_head
 from .motion_field import POSE_DIM
 from .pose_refine import rigid_correction, upper_face_mask, masked_loss, pose_parameters
@@ -286,7 +286,8 @@ def open_run(data: str | Path,                  # folder written by `talkinggs p
         raise ValueError(f"{data} is not the data {folder} was trained on (checksum differs)")
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(folder)                       # a save cut short by a kill: never read
-    store = FrameStore(data, device, progress=progress, audio=cfg.audio_features)
+    shift = clip_av_shift(data, read_meta(data)) if cfg.align_audio else 0     # frames the clip's sound lags by
+    store = FrameStore(data, device, progress=progress, audio=cfg.audio_features, audio_shift=shift)
     run = Run(cfg, store, None, folder, progress)
     if not exists:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

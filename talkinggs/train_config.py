@@ -36,6 +36,7 @@ class TrainConfig:
     method: str = "talkinggaussian"  # a key of `METHODS` (chapter 25): motion models, branches, own settings
     pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker: the viewpoint)
     audio_features: str = "mel"      # what drives the motion fields: "mel" | "phones" | "both" (chapters 15, 15a, 17)
+    align_audio: bool = False        # move the clip's audio by the lag chapter 15a finds behind its picture (ours)
     sh_degree: int = 3               # highest SH degree (3DGS: 3)
     sh_interval: int = 1000          # unlock one SH degree every this many iterations (3DGS: 1,000)
     face_points: int = 10_000        # random initial face Gaussians (GSTalker: 10,000)

@@ -307,3 +307,25 @@ def test_a_moved_head_uncovers_no_background_between_jaw_and_neck(clip):
         assert (old[gap] == plate[gap]).all()                                       # showed the plate right there
         uncovered += int(gap.sum())
     assert uncovered > 0                                                            # the check saw such pixels
+
+
+def test_align_audio_moves_the_clips_own_audio_by_its_measured_lag(tmp_path):
+    "align_audio: the clip's windows are moved by meta.json's av_offset; the model records it, so evaluation agrees."
+    import json, shutil
+    from talkinggs.clip import FrameStore, clip_av_shift
+    from talkinggs.model import model_store
+    from talkinggs.synthesize import load_run
+    src = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
+                     cfg=PreprocessConfig(size=64), progress=False)
+    meta = json.loads((src / "meta.json").read_text())
+    assert {"shift", "corr", "corr_at_zero", "found"} <= set(meta["av_offset"])   # preprocessing measured it
+    meta["av_offset"]["shift"] = 2                                               # as if the sound lagged 2 frames
+    (src / "meta.json").write_text(json.dumps(meta))
+    assert clip_av_shift(src, meta) == 2
+    cfg = cpu_demo_train_config(face_iters=10, mouth_iters=5, fused_iters=0, face_points=100, mouth_points=20,
+                                align_audio=True)
+    train(src, tmp_path / "run", cfg, device="cpu", progress=False)
+    head, data, _ = load_run(tmp_path / "run", "cpu")
+    assert head.cfg.audio_shift == 2
+    plain = FrameStore(src, "cpu", progress=False)
+    assert torch.equal(model_store(head, data).audio[:-2], plain.audio[2:])       # evaluation sees the moved audio
