@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .masks import HAIR, MOUTH, split_labels, neck_under_head, torso_bg_layer
-from .features import audio_windows
+from .features import audio_windows, lip_gap
 from .phones import phone_windows, av_offset
 
 # %% auto #0
@@ -66,8 +66,7 @@ def clip_av_shift(root: str | Path, meta: dict) -> int:
     "The frames by which a clip's sound lags its picture (chapter 15a's `av_offset`; 0 unless clearly found)."
     av = meta.get("av_offset")
     if av is None:                          # preprocessed before the check existed: measured now
-        from talkinggs.metrics import mouth_opening
-        lips = mouth_opening(np.load(Path(root) / "landmarks.npy", mmap_mode="r")[:, :, :2])   # [N] pixels
+        lips = lip_gap(np.load(Path(root) / "landmarks.npy", mmap_mode="r"))   # [N] pixels
         av = av_offset(lips, _phones(Path(root), meta))
     return int(av["shift"])
 

@@ -12,10 +12,15 @@ from .landmarks import (LIP_GAP_PAIRS, MOUTH_CORNERS, INNER_LIP, OUTER_LIP, RIGH
                                  RIGHT_IRIS, LEFT_IRIS, RIGHT_BROW, LEFT_BROW)
 
 # %% auto #0
-__all__ = ['AU_NAMES', 'eye_aspect_ratio', 'normalise_per_video', 'action_signals', 'load_openface_aus', 'align_length',
-           'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features']
+__all__ = ['AU_NAMES', 'lip_gap', 'eye_aspect_ratio', 'normalise_per_video', 'action_signals', 'load_openface_aus',
+           'align_length', 'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features']
 
 # %% ../nbs/15_features.ipynb #2f6d22f8
+def lip_gap(lms: np.ndarray,   # [N, 478, >=2] landmarks in pixels
+           ) -> np.ndarray:    # [N] mean inner-lip gap in pixels
+    "The inner lips' opening per frame: the mean distance of the `LIP_GAP_PAIRS`, in pixels."
+    return np.mean([_d(lms, a, b) for a, b in LIP_GAP_PAIRS], 0)
+
 def _d(lms, a, b):  # distances between landmarks a and b, [...] for lms [..., 478, C]
     return np.linalg.norm(lms[..., a, :2] - lms[..., b, :2], axis=-1)
 

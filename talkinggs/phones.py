@@ -95,14 +95,13 @@ def av_offset(lips: np.ndarray,     # [N] inner-lip opening per video frame (pix
               max_shift: int = 6,   # frames tried each way (ours: ±240 ms at 25 fps)
              ) -> dict:             # shift in frames (> 0: the sound lags the picture), its correlation, shift 0's
     "The shift of a clip's audio that makes the vowel share of its phones agree best with its lips."
-    from talkinggs.metrics import pearson
     centre = phones[:, phones.shape[1] // 2]                                  # [N, P] each frame's own instant
     v = centre[:, [PHONES.index(p) for p in VOWELS]].sum(1)                   # [N] how much of a vowel is said
     n = len(lips)
     corr = {}
     for k in range(-max_shift, max_shift + 1):                                # the lips at t against the sound at t+k
         a, b = (v[k:], lips[:n - k]) if k >= 0 else (v[:k], lips[-k:])
-        corr[k] = pearson(a, b)
+        corr[k] = float(np.corrcoef(a, b)[0, 1]) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
     finite = {k: c for k, c in corr.items() if c == c}
     best = max(finite, key=finite.get) if finite else 0
     at_zero = corr[0] if corr[0] == corr[0] else 0.0                          # NaN (flat lips) counts as none

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .landmarks import FaceMesh, interpolate_missing, LIP_GAP_PAIRS
+from .landmarks import FaceMesh, interpolate_missing
 from .video import (probe_video, check_header, check_faces, check_scan_quality, scan_faces, crop_box, iter_frames,
                              load_audio)
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH
-from .features import action_signals, audio_windows, align_length
+from .features import action_signals, audio_windows, align_length, lip_gap
 from .phones import phone_windows, phones_missing, av_offset
 from .bookkeeping import versions
 
@@ -205,7 +205,7 @@ def preprocess(video: str | Path,                # input video (any container/co
                     res = _tail(*args, progress=progress)
             times["total"] = time.perf_counter() - t0
 
-            gap = np.mean([np.linalg.norm(lms[:, a, :2] - lms[:, b, :2], axis=-1) for a, b in LIP_GAP_PAIRS], 0)
+            gap = lip_gap(lms)                                           # [N] inner-lip opening, pixels
             n_train = n - -(-n // cfg.test_every)                       # ceil: 200 frames -> 181 train / 19 test
             av = av_offset(gap, np.load(tmp / "phones.npy")) if (tmp / "phones.npy").is_file() else None
             if av is not None:                                           # JSON has no NaN: an undefined one is null
