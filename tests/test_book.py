@@ -29,3 +29,30 @@ def test_no_reference_a_reader_cannot_see(path):
 def test_the_check_catches_what_it_should():
     assert HIDDEN.search("the issue's bar") and HIDDEN.search("see DESIGN.md") and HIDDEN.search("a GPU session")
     assert not HIDDEN.search("../shared/data beside the checkout") and not HIDDEN.search("the tissue")
+
+
+# the core path of the book (rendering -> fields -> the model -> training -> synthesis -> the capstone)
+CORE = ["00_core", "01_gaussians", "02_rasterize", "03_static_fit", "15a_phones", "20_hashgrid", "21_audio_encoder",
+        "22_motion_field", "23_fusion", "24_sampling", "25_model", "30_train", "31_synthesize", "35_tutorial"]
+
+
+def _bibliography_names() -> list[str]:
+    "The short names in the first column of the bibliography's tables."
+    cells = json.loads((ROOT / "nbs" / "bibliography.ipynb").read_text())["cells"]
+    rows = [line for c in cells for line in "".join(c["source"]).splitlines() if line.startswith("| ")]
+    names = [r.split("|")[1].strip().strip("*") for r in rows]
+    return [n for n in names if n and n not in ("short name", "addition")]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_chapter_has_exercises_and_cites_a_source(name):
+    cells = json.loads((ROOT / "nbs" / f"{name}.ipynb").read_text())["cells"]
+    prose = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    ex = [p for p in prose if p.startswith("## Exercises")]
+    assert ex, f"{name} has no '## Exercises' section"
+    tasks = re.findall(r"^\d+\. ", ex[0], re.M)
+    assert 2 <= len(tasks) <= 4, f"{name}: {len(tasks)} exercises (2 to 4 wanted)"
+    names = _bibliography_names()
+    assert len(names) >= 20, names                                   # the parse found the tables
+    cited = [n for n in names if any(n in p for p in prose)]
+    assert cited, f"{name} cites nothing from the bibliography ({', '.join(names)})"
