@@ -16,8 +16,8 @@ __all__ = ['AU_NAMES', 'lip_gap', 'eye_aspect_ratio', 'normalise_per_video', 'ac
            'align_length', 'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features']
 
 # %% ../nbs/15_features.ipynb #2f6d22f8
-def lip_gap(lms: np.ndarray,   # [N, 478, >=2] landmarks in pixels
-           ) -> np.ndarray:    # [N] mean inner-lip gap in pixels
+def lip_gap(lms: np.ndarray,   # [..., 478, >=2] landmarks in pixels
+           ) -> np.ndarray:    # [...] mean inner-lip gap in pixels
     "The inner lips' opening per frame: the mean distance of the `LIP_GAP_PAIRS`, in pixels."
     return np.mean([_d(lms, a, b) for a, b in LIP_GAP_PAIRS], 0)
 

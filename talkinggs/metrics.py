@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from .core import psnr, to_float_image, to_uint8
-from .landmarks import (INNER_LIP, OUTER_LIP, LIP_GAP_PAIRS, MOUTH_IDX, RIGHT_EYE, LEFT_EYE,
+from .features import lip_gap
+from .landmarks import (INNER_LIP, OUTER_LIP, MOUTH_IDX, RIGHT_EYE, LEFT_EYE,
                                  BackendUnavailable, FaceMesh)
 
 # %% auto #0
@@ -178,16 +179,17 @@ def lmd(pred_lms: np.ndarray,  # [N, M, >=2] landmarks of the renders (pixels), 
 # %% ../nbs/18_metrics.ipynb #58551d08
 def mouth_opening(lms: np.ndarray,  # [..., 478, >=2] or [..., len(MOUTH_IDX), >=2] landmarks in pixels
                  ) -> np.ndarray:   # [...] mean inner-lip gap in pixels (NaN where landmarks are NaN)
-    "Mean inner-lip gap over `LIP_GAP_PAIRS`, in pixels."
+    "Mean inner-lip gap over `LIP_GAP_PAIRS`, in pixels (chapter 15's `lip_gap`, also on the lip subset)."
     lms = np.asarray(lms)
     n = lms.shape[-2] if lms.ndim >= 2 else 0
-    if n == 478: pos = {i: i for p in LIP_GAP_PAIRS for i in p}
-    elif n == len(MOUTH_IDX): pos = {i: MOUTH_IDX.index(i) for p in LIP_GAP_PAIRS for i in p}
-    else:
+    if n == len(MOUTH_IDX):                              # the lip subset: back at its landmark numbers, NaN elsewhere
+        full = np.full(lms.shape[:-2] + (478, lms.shape[-1]), np.nan, np.result_type(lms.dtype, np.float32))
+        full[..., MOUTH_IDX, :] = lms
+        lms = full
+    elif n != 478:
         raise ValueError(f"need [..., 478, >=2] or [..., {len(MOUTH_IDX)}, >=2] (MOUTH_IDX) landmarks, "
                          f"got {lms.shape}")
-    gaps = [np.linalg.norm(lms[..., pos[u], :2] - lms[..., pos[l], :2], axis=-1) for u, l in LIP_GAP_PAIRS]
-    return np.mean(gaps, 0).astype(np.float32)
+    return lip_gap(lms).astype(np.float32)
 
 # %% ../nbs/18_metrics.ipynb #9b9d1390
 def pearson(a: np.ndarray,  # [N] first signal
