@@ -21,8 +21,7 @@ from .metrics import (
     region_masks, region_psnr, REGIONS,
     mouth_landmarks, lmd, mouth_opening, pearson, spread_share, audio_energy, summarize)
 from .landmarks import MOUTH_IDX
-from .synthesize import (load_run, Renderer, FastRenderer, audio_features, drive_track,
-                                  background_for)
+from .synthesize import load_run, Renderer, audio_features, drive_track, driven_frames
 
 # %% auto #0
 __all__ = ['LMD_SET', 'evaluate', 'render_frames', 'lip_spread', 'mouth_audio_sync']
@@ -194,10 +193,7 @@ def render_frames(run: str | Path,                  # a trained run folder
     track = drive_track(store, n)                                             # [n] frame numbers of the poses
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    r = FastRenderer(head)
-    for t in range(n):
-        i = int(track[t])
-        o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.expr[i], background_for(store, i))
+    for t, o in enumerate(driven_frames(head, store, feats, track)):
         cv2.imwrite(str(out / f"{t:06d}.png"), to_uint8(o["image"])[..., ::-1])
     atomic_write_text(json.dumps(dict(audio=str(audio), data=str(data), frames=n)), out / "frames.json")
     return n

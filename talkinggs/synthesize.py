@@ -24,7 +24,7 @@ from .metrics import to_uint8
 
 # %% auto #0
 __all__ = ['RASTER_KEYS', 'BACKGROUNDS', 'load_run', 'Renderer', 'FastRenderer', 'audio_features', 'drive_track',
-           'background_for', 'torso_layer', 'render_video', 'stream_frames']
+           'background_for', 'torso_layer', 'driven_frames', 'render_video', 'stream_frames']
 
 # %% ../nbs/31_synthesize.ipynb #43b2efde
 def load_run(run: str | Path, device: str | torch.device = "auto", data: str | Path | None = None,
@@ -215,6 +215,18 @@ def torso_layer(run: str | Path, head: TalkingHead) -> Torso:
     raise FileNotFoundError(f"{run} has no torso.pt: method {head.cfg.method} has no torso layer of its own (methods "
                             f"with one: {owners}; any run trains one with --config torso_iters=N)")
 
+def driven_frames(head: TalkingHead, store: FrameStore,
+                  feats: torch.Tensor,          # [T, 16, D] audio windows driving the head
+                  track: np.ndarray,            # [n] frame numbers whose poses and expressions are used, n <= T
+                  background: str = "torso",    # one of BACKGROUNDS
+                  torso: Torso | None = None,   # the run's torso layer, for background "model"
+                 ) -> Iterator[dict]:           # `FastRenderer.frame` outputs, one per entry of `track`
+    "A head driven by audio windows along a track of the clip's poses, frame by frame (the fast renderer)."
+    r = FastRenderer(head)                                         # the same frames as `Renderer`, faster on a GPU
+    for t, i in enumerate(int(i) for i in track):
+        bg = background_for(store, i, background, torso)                         # [H, W, 3] or [3]
+        yield r.frame(feats, t, store.viewmats[i], store.Ks[i], store.expr[i], bg)
+
 def render_video(run: str | Path, out: str | Path, audio: str | Path | None = None,  # None: the clip's own audio
                  data: str | Path | None = None, background: str = "torso", device: str = "auto",
                  max_frames: int | None = None, progress: bool = True) -> dict:
@@ -240,14 +252,11 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         tmp_wav = Path(out).with_name(f".{Path(out).stem}.audio.wav")
         wavfile.write(tmp_wav, store.meta["sample_rate"], (np.clip(wav, -1, 1) * 32767).astype(np.int16))
         audio_path = tmp_wav
-    r = FastRenderer(head)                                         # the same frames as `Renderer`, faster on a GPU
+    frames = driven_frames(head, store, feats, track, background, torso)
     t0 = time.time()
     try:
         with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
-            for t in tqdm(range(n), desc="render", disable=not progress):
-                i = int(track[t])
-                o = r.frame(feats, t, store.viewmats[i], store.Ks[i], store.expr[i],
-                            background_for(store, i, background, torso))
+            for t, o in enumerate(tqdm(frames, total=n, desc="render", disable=not progress)):
                 w.write(o["image"])
                 if t == 9 and n > 250:                                         # long audio: say how long it will take
                     per = (time.time() - t0) / 10
