@@ -56,3 +56,39 @@ def test_core_chapter_has_exercises_and_cites_a_source(name):
     assert len(names) >= 20, names                                   # the parse found the tables
     cited = [n for n in names if any(n in p for p in prose)]
     assert cited, f"{name} cites nothing from the bibliography ({', '.join(names)})"
+
+
+CHAPTERS = sorted((ROOT / "nbs").glob("[0-9]*.ipynb"))
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_opens_with_what_it_needs_and_gives(path):
+    cells = json.loads(path.read_text())["cells"]
+    prose = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"][:3]
+    opening = [p for p in prose if p.startswith("**Needs:**")]
+    assert opening, f"{path.stem}: none of its first three markdown cells starts with '**Needs:**'"
+    assert re.search(r"^\*\*After it you can:\*\* \S", opening[0], re.M), \
+        f"{path.stem}: its opening has no line starting with '**After it you can:**'"
+
+
+def _uncited_equations(text: str, names: list[str]) -> bool:
+    "True when a markdown cell shows a display equation but names no source for it."
+    return "$$" in text and not re.search(r"\bours\b", text, re.I) and not any(n in text for n in names)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_every_display_equation_is_cited_where_used(path):
+    names = _bibliography_names()
+    cells = json.loads(path.read_text())["cells"]
+    bad = [k for k, c in enumerate(cells)
+           if c["cell_type"] == "markdown" and _uncited_equations("".join(c["source"]), names)]
+    assert not bad, f"{path.stem}: markdown cells {bad} show a display equation ($$) without naming its source " \
+                    "(a short name of the bibliography, with its equation number, or 'ours')"
+
+
+def test_the_citation_check_catches_what_it_should():
+    names = ["3DGS", "TalkingGaussian"]
+    assert _uncited_equations("$$C = \\sum c_i$$", names)
+    assert not _uncited_equations("TalkingGaussian Eq. 9: $$C = a + b$$", names)
+    assert not _uncited_equations("our choice (ours): $$w = 0.2$$", names)
+    assert not _uncited_equations("no display equation, only $x$", names)
