@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_bookkeeping.ipynb #368c1a7f
 from __future__ import annotations
-import contextlib, csv, hashlib, importlib, os, signal, sys
+import contextlib, csv, errno, hashlib, importlib, json, os, signal, socket, sys, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,26 +12,44 @@ import torch
 import talkinggs
 
 # %% auto #0
-__all__ = ['atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'Interrupted', 'sigterm_as_interrupt',
-           'save_on_stop', 'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
+__all__ = ['WriteFailed', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'FolderBusy',
+           'folder_lock', 'Interrupted', 'sigterm_as_interrupt', 'save_on_stop', 'MetricsLog', 'read_metrics',
+           'plot_metrics', 'versions', 'data_checksum']
 
 # %% ../nbs/04_bookkeeping.ipynb #1af2492a
+class WriteFailed(OSError):
+    "A file could not be written (disk full, read-only folder, ...): one line naming the file and the cause."
+
+def _write_failed(path: Path, e: OSError) -> WriteFailed:
+    "The one-line error of a failed write of `path`."
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "no permission to write there",
+           errno.EPERM: "no permission to write there"}.get(e.errno, e.strerror or type(e).__name__)
+    return WriteFailed(e.errno, f"cannot write {path}: {why}; free space or choose another folder")
+
+def _replace_atomically(path: Path, write) -> None:
+    "write(tmp) into a temporary file beside `path`, then rename it over `path`; on any failure no temporary is left."
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteFailed): raise _write_failed(path, e) from None
+        raise
+
 def atomic_save(obj, path: str | Path) -> None:
     "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    _replace_atomically(Path(path), write)
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     "Write `text` to a temporary file beside `path`, then rename it over `path`."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
     "A file written by `atomic_save`, its tensors moved to `device` (a damaged file: a ValueError naming it)."
@@ -47,6 +65,59 @@ def remove_partial_saves(folder: str | Path) -> int:
     stale = list(Path(folder).glob(".*.tmp-*"))
     for p in stale: p.unlink()
     return len(stale)
+
+# %% ../nbs/04_bookkeeping.ipynb #47f8433b
+class FolderBusy(FileExistsError):
+    "Another live process writes into the folder (its `.lock` names it)."
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` runs on this host."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True            # it runs, as another user
+    return True
+
+def _holder(lock: Path) -> dict | None:
+    "The lock file's record, or None when it is gone or unreadable (a writer still filling it in)."
+    try: return json.loads(lock.read_text())
+    except (FileNotFoundError, ValueError): return None
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path,    # the folder to write into (created if missing)
+                what: str = "a command",  # the holder's command, for a second writer's message
+               ):
+    "Inside: this process is the folder's only writer (`.lock`); a second writer gets `FolderBusy`, stale locks go."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, host = folder / ".lock", socket.gethostname()
+    me = dict(pid=os.getpid(), host=host, what=what, since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for attempt in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            h = _holder(lock)
+            if h is None:                          # being written this instant: look again
+                time.sleep(0.1)
+                continue
+            if h.get("host") == host and h.get("pid") == os.getpid():
+                yield                              # this process holds it already (nested): nothing to do
+                return
+            if h.get("host") == host and not _alive(int(h.get("pid", -1))):
+                print(f"{folder}: taking over a stale lock of pid {h['pid']} ({h.get('what')}, "
+                      f"since {h.get('since')}), whose process is gone", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            fix = "wait for it or stop it" if h.get("host") == host else f"if it no longer runs, delete {lock}"
+            raise FolderBusy(f"{folder} is in use by {h.get('what')} (pid {h.get('pid')} on {h.get('host')}, "
+                             f"since {h.get('since')}): {fix}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise FolderBusy(f"{folder}: could not take its lock {lock} (it keeps changing); try again")
+    try: yield
+    finally:
+        if _holder(lock) == me: lock.unlink(missing_ok=True)
 
 # %% ../nbs/04_bookkeeping.ipynb #8acb59ce
 class Interrupted(Exception):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import seed_everything, psnr
-from .bookkeeping import atomic_save, load_checkpoint, plot_metrics
+from .core import get_device, seed_everything, psnr
+from .bookkeeping import atomic_save, folder_lock, load_checkpoint, plot_metrics
 from .gaussians import sh_degree_of
 from .static_fit import ssim, make_optimizers
 from .fusion import fuse_layers, composite_over
@@ -262,6 +262,18 @@ def _load_branches(run: Run) -> None:
         b.audio.load_state_dict(c["audio"])
         if "cams" in c: run.set_cameras(c["cams"])
 
+def _parallel_devices(devices: tuple | None) -> tuple:
+    "The two devices of parallel mode, checked before any work (default: the first two GPUs)."
+    if devices is None:
+        n = torch.cuda.device_count()
+        if n < 2:
+            raise ValueError(f"--parallel trains the face and mouth branches on two GPUs at once and this machine "
+                             f"has {n}: train without --parallel")
+        devices = ("cuda:0", "cuda:1")
+    if len(devices) != 2: raise ValueError(f"parallel mode takes two devices, got {len(devices)}: {devices}")
+    for d in devices: get_device(d)             # a device this machine lacks: one line, before any work
+    return tuple(devices)
+
 def train(data: str | Path,                     # folder written by `talkinggs preprocess`
           out: str | Path,                      # run folder
           cfg: TrainConfig | None = None,       # settings (None: the defaults, or the saved ones with `resume`)
@@ -273,24 +285,26 @@ def train(data: str | Path,                     # folder written by `talkinggs p
          ) -> TalkingHead:
     "Train a talking head on a preprocessed clip: stage 0, the branches, the fused stage, extra layers; model.pt."
     out = Path(out)
+    if parallel: devices = _parallel_devices(devices)
     created = not out.exists()                  # a run that fails before its first checkpoint leaves nothing
-    try:
-        run = open_run(data, out, cfg, device, resume, progress)
-        _start(run)
-    except BaseException:
-        if created and not any(out.glob("*.pt")): shutil.rmtree(out, ignore_errors=True)
-        raise
-    cfg = run.cfg
-    todo = [b.name for b in run.head.branches if not run.done(b.name, RULES[b.name]().iterations(cfg))]
-    if "face" not in todo and "cams" in (fc := load_checkpoint(run.path("face.ckpt.pt"), run.device)):
-        run.set_cameras(fc["cams"])             # corrected by a face branch finished earlier (pose_joint)
-    if parallel and len(todo) == 2:
-        _train_in_parallel(run, Path(data), todo, devices)
-        todo = []
-    for b in todo: run_stage(run, BranchStage(b))   # a face branch with pose_joint hands its cameras on
-    _load_branches(run)
-    if cfg.fused_iters > 0: run_stage(run, FusedStage())
-    run.save_head("model.pt")
-    if cfg.torso_iters > 0 and not run.has("torso.pt"): run_stage(run, TorsoStage())
-    plot_metrics(run.path("metrics.csv"), run.path("loss.png"))
-    return run.head
+    with folder_lock(out, "train"):             # one writer per run folder (chapter 04)
+        try:
+            run = open_run(data, out, cfg, device, resume, progress)
+            _start(run)
+        except BaseException:
+            if created and not any(out.glob("*.pt")): shutil.rmtree(out, ignore_errors=True)
+            raise
+        cfg = run.cfg
+        todo = [b.name for b in run.head.branches if not run.done(b.name, RULES[b.name]().iterations(cfg))]
+        if "face" not in todo and "cams" in (fc := load_checkpoint(run.path("face.ckpt.pt"), run.device)):
+            run.set_cameras(fc["cams"])             # corrected by a face branch finished earlier (pose_joint)
+        if parallel and len(todo) == 2:
+            _train_in_parallel(run, Path(data), todo, devices)
+            todo = []
+        for b in todo: run_stage(run, BranchStage(b))   # a face branch with pose_joint hands its cameras on
+        _load_branches(run)
+        if cfg.fused_iters > 0: run_stage(run, FusedStage())
+        run.save_head("model.pt")
+        if cfg.torso_iters > 0 and not run.has("torso.pt"): run_stage(run, TorsoStage())
+        plot_metrics(run.path("metrics.csv"), run.path("loss.png"))
+        return run.head
