@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .core import get_device, seed_everything, psnr
-from .bookkeeping import atomic_save, folder_lock, load_checkpoint, plot_metrics
+from .bookkeeping import Interrupted, atomic_save, folder_lock, load_checkpoint, plot_metrics, sigterm_as_interrupt
 from .gaussians import sh_degree_of
 from .static_fit import ssim, make_optimizers
 from .fusion import fuse_layers, composite_over
@@ -274,6 +274,23 @@ def _parallel_devices(devices: tuple | None) -> tuple:
     for d in devices: get_device(d)             # a device this machine lacks: one line, before any work
     return tuple(devices)
 
+def _train_stages(run: Run, data: Path, parallel: bool, devices: tuple | None) -> TalkingHead:
+    "After stage 0: the branches (in parallel if asked), the fused stage, model.pt, extra layers, the loss plot."
+    cfg = run.cfg
+    todo = [b.name for b in run.head.branches if not run.done(b.name, RULES[b.name]().iterations(cfg))]
+    if "face" not in todo and "cams" in (fc := load_checkpoint(run.path("face.ckpt.pt"), run.device)):
+        run.set_cameras(fc["cams"])             # corrected by a face branch finished earlier (pose_joint)
+    if parallel and len(todo) == 2:
+        _train_in_parallel(run, data, todo, devices)
+        todo = []
+    for b in todo: run_stage(run, BranchStage(b))   # a face branch with pose_joint hands its cameras on
+    _load_branches(run)
+    if cfg.fused_iters > 0: run_stage(run, FusedStage())
+    run.save_head("model.pt")
+    if cfg.torso_iters > 0 and not run.has("torso.pt"): run_stage(run, TorsoStage())
+    plot_metrics(run.path("metrics.csv"), run.path("loss.png"))
+    return run.head
+
 def train(data: str | Path,                     # folder written by `talkinggs preprocess`
           out: str | Path,                      # run folder
           cfg: TrainConfig | None = None,       # settings (None: the defaults, or the saved ones with `resume`)
@@ -286,25 +303,16 @@ def train(data: str | Path,                     # folder written by `talkinggs p
     "Train a talking head on a preprocessed clip: stage 0, the branches, the fused stage, extra layers; model.pt."
     out = Path(out)
     if parallel: devices = _parallel_devices(devices)
-    created = not out.exists()                  # a run that fails before its first checkpoint leaves nothing
-    with folder_lock(out, "train"):             # one writer per run folder (chapter 04)
-        try:
+    created = not out.exists()
+    try:
+        with folder_lock(out, "train"), sigterm_as_interrupt():     # one writer; a kill stops as Ctrl-C does
             run = open_run(data, out, cfg, device, resume, progress)
             _start(run)
-        except BaseException:
-            if created and not any(out.glob("*.pt")): shutil.rmtree(out, ignore_errors=True)
-            raise
-        cfg = run.cfg
-        todo = [b.name for b in run.head.branches if not run.done(b.name, RULES[b.name]().iterations(cfg))]
-        if "face" not in todo and "cams" in (fc := load_checkpoint(run.path("face.ckpt.pt"), run.device)):
-            run.set_cameras(fc["cams"])             # corrected by a face branch finished earlier (pose_joint)
-        if parallel and len(todo) == 2:
-            _train_in_parallel(run, Path(data), todo, devices)
-            todo = []
-        for b in todo: run_stage(run, BranchStage(b))   # a face branch with pose_joint hands its cameras on
-        _load_branches(run)
-        if cfg.fused_iters > 0: run_stage(run, FusedStage())
-        run.save_head("model.pt")
-        if cfg.torso_iters > 0 and not run.has("torso.pt"): run_stage(run, TorsoStage())
-        plot_metrics(run.path("metrics.csv"), run.path("loss.png"))
-        return run.head
+            return _train_stages(run, Path(data), parallel, devices)
+    except BaseException as e:
+        kept = any(out.glob("*.pt"))            # a run stopped before its first checkpoint leaves nothing
+        if created and not kept: shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):    # stopped outside a stage loop (those save and raise Interrupted)
+            what = "its checkpoints are kept: continue with --resume" if kept else "nothing was kept"
+            raise Interrupted(f"training in {out} interrupted; {what}") from None
+        raise

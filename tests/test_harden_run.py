@@ -76,3 +76,29 @@ def test_parallel_without_two_gpus_is_refused_before_any_work(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--parallel" in lines[0] and "two GPUs" in lines[0], r.stderr
     assert not (tmp_path / "R").exists()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    "The committed synthetic talking head, preprocessed at 64x64."
+    from talkinggs.preprocess import PreprocessConfig, preprocess
+    from talkinggs.samples import repo_root
+    head = repo_root() / "data_samples" / "synthetic_head"
+    return preprocess(head / "video.mp4", tmp_path_factory.mktemp("synthetic") / "clip64",
+                      cfg=PreprocessConfig(size=64), progress=False)
+
+
+def test_a_kill_before_the_first_checkpoint_is_one_line_and_leaves_nothing(clip, tmp_path):
+    run = tmp_path / "R"
+    cmd = [sys.executable, "-m", "talkinggs", "train", str(clip), "--out", str(run), "--quiet", "--face_iters", "50",
+           "--mouth_iters", "5", "--fused_iters", "0", "--config", "pose_refine=false,face_points=300,mouth_points=60"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not run.exists() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.005)
+    p.send_signal(15)                                   # SIGTERM as soon as the run folder exists
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    lines = [l for l in err.splitlines() if "interrupted" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    if not any(run.glob("*.pt")): assert not run.exists()              # nothing half-made is left behind
+    else: assert "continue with --resume" in lines[0]                  # or a checkpoint to continue from
