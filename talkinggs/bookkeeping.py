@@ -179,11 +179,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 # %% ../nbs/04_bookkeeping.ipynb #54f56c2d
 def plot_metrics(csv_path: str | Path, png: str | Path | None = None):
     "Loss and PSNR curves of each stage from a metrics.csv (saved to `png` when given)."
-    import matplotlib
-    if png is not None: matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     rows = read_metrics(csv_path)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    if png is None:
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    else:                        # a file only: a Figure outside pyplot leaves the session's backend as it is
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(10, 3.2))
+        axes = fig.subplots(1, 2)
     for stage in dict.fromkeys(r["stage"] for r in rows):
         rs = [r for r in rows if r["stage"] == stage]
         for ax, key in zip(axes, ("loss", "psnr")):
@@ -195,9 +198,7 @@ def plot_metrics(csv_path: str | Path, png: str | Path | None = None):
         ax.set_xlabel("iteration")
         ax.legend()
     fig.tight_layout()
-    if png is not None:
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
+    if png is not None: fig.savefig(png, dpi=100)
     return fig
 
 # %% ../nbs/04_bookkeeping.ipynb #eb1bfb7c

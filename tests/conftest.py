@@ -1,4 +1,7 @@
 """pytest configuration: the `gpu` marker skips (with a reason) where CUDA or gsplat is missing."""
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def clip64_once(tmp_path_factory):
+    "The committed synthetic talking head preprocessed at 64x64, once per test session (~25 s on 2 cores)."
+    from talkinggs.preprocess import PreprocessConfig, preprocess
+    from talkinggs.samples import repo_root
+    return preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4",
+                      tmp_path_factory.mktemp("synthetic_once") / "clip64", cfg=PreprocessConfig(size=64),
+                      progress=False)
+
+
+@pytest.fixture
+def clip64_copy(clip64_once, tmp_path_factory):
+    "A private copy of the preprocessed synthetic head, for a test that may change its files: a function to call."
+    def copy(name: str = "clip64"):
+        return Path(shutil.copytree(clip64_once, tmp_path_factory.mktemp("synthetic") / name))
+    return copy

@@ -1,13 +1,13 @@
 """GSTalker and GaussianTalker (chapters 22a, 22b) in the method slot: each trains, renders and evaluates through the
 same functions and command line as TalkingGaussian, on the committed synthetic head at 64x64 on the CPU.
 Quality is not the point here (a few iterations); the GPU comparison of the three methods is the results chapter's."""
-import json, subprocess, sys
+import json, shutil, subprocess, sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import cpu_demo_train_config, train
 from talkinggs.model import load_head, model_store, METHODS
 from talkinggs.synthesize import Renderer, FastRenderer, render_video
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    return preprocess(HEAD / "video.mp4", tmp_path_factory.mktemp("methods") / "clip64",
-                      cfg=PreprocessConfig(size=64), progress=False)
+def clip(clip64_once, tmp_path_factory):
+    "A copy of the session's preprocessed synthetic head (conftest.py)."
+    return Path(shutil.copytree(clip64_once, tmp_path_factory.mktemp("methods") / "clip64"))
 
 
 @pytest.mark.parametrize("method", ["gstalker", "gaussiantalker"])

@@ -1,6 +1,6 @@
 """Tests of chapters 31 and 32 on the CPU: rendering with new audio, streaming, evaluation and the run-folder errors,
 on a briefly trained synthetic head (64x64). Quality is not the point here (tests/test_train.py checks learning)."""
-import json, subprocess, sys
+import json, shutil, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.clip import FrameStore
 from talkinggs.train import train, cpu_demo_train_config
 from talkinggs.synthesize import (Renderer, load_run, render_video, stream_frames, drive_track,
@@ -22,10 +21,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    "A synthetic clip at 64x64 and a run trained for a few iterations of every stage."
+def trained(clip64_once, tmp_path_factory):
+    "A synthetic clip at 64x64 (a copy of the session's, conftest.py) and a run trained a few iterations per stage."
     d = tmp_path_factory.mktemp("synth")
-    data = preprocess(HEAD / "video.mp4", d / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+    data = Path(shutil.copytree(clip64_once, d / "clip64"))
     cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80)
     train(data, d / "run", cfg, device="cpu", progress=False)
     return data, d / "run"

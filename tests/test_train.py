@@ -2,7 +2,7 @@
 and the whole pipeline learning the synthetic head's known lip motion on a CPU.
 
 Everything runs on the CPU at 64x64 (the synthetic clip preprocessed once per module, ~10 s)."""
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, shutil, signal, subprocess, sys, textwrap, time
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.landmarks import INNER_LIP, OUTER_LIP, FOREHEAD, CHIN, RIGID
 from talkinggs.clip import FrameStore
 from talkinggs.model import load_head, head_state, head_from_store, head_geometry
@@ -26,10 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    "The committed synthetic talking head, preprocessed at 64x64."
-    return preprocess(HEAD / "video.mp4", tmp_path_factory.mktemp("synthetic") / "clip64",
-                      cfg=PreprocessConfig(size=64), progress=False)
+def clip(clip64_once, tmp_path_factory):
+    "The committed synthetic talking head, preprocessed at 64x64 (a copy of the session's, conftest.py)."
+    return Path(shutil.copytree(clip64_once, tmp_path_factory.mktemp("synthetic") / "clip64"))
 
 
 def tiny_config(**changes) -> TrainConfig:
@@ -309,14 +307,13 @@ def test_a_moved_head_uncovers_no_background_between_jaw_and_neck(clip):
     assert uncovered > 0                                                            # the check saw such pixels
 
 
-def test_align_audio_moves_the_clips_own_audio_by_its_measured_lag(tmp_path):
+def test_align_audio_moves_the_clips_own_audio_by_its_measured_lag(tmp_path, clip64_copy):
     "align_audio: the clip's windows are moved by meta.json's av_offset; the model records it, so evaluation agrees."
     import json, shutil
     from talkinggs.clip import FrameStore, clip_av_shift
     from talkinggs.model import model_store
     from talkinggs.synthesize import load_run
-    src = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
-                     cfg=PreprocessConfig(size=64), progress=False)
+    src = clip64_copy()
     meta = json.loads((src / "meta.json").read_text())
     assert {"shift", "corr", "corr_at_zero", "found"} <= set(meta["av_offset"])   # preprocessing measured it
     meta["av_offset"]["shift"] = 2                                               # as if the sound lagged 2 frames
