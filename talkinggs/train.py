@@ -305,7 +305,7 @@ def train(data: str | Path,                     # folder written by `talkinggs p
     if parallel: devices = _parallel_devices(devices)
     created = not out.exists()
     try:
-        with folder_lock(out, "train"), sigterm_as_interrupt():     # one writer; a kill stops as Ctrl-C does
+        with sigterm_as_interrupt(), folder_lock(out, "train"):     # a kill stops as Ctrl-C does; one writer
             run = open_run(data, out, cfg, device, resume, progress)
             _start(run)
             return _train_stages(run, Path(data), parallel, devices)
