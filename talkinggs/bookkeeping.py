@@ -183,7 +183,7 @@ def plot_metrics(csv_path: str | Path, png: str | Path | None = None):
     if png is None:
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    else:                        # a file only: a Figure outside pyplot leaves the session's backend as it is
+    else:                        # a file only: a Figure outside pyplot leaves pyplot's backend as it is
         from matplotlib.figure import Figure
         fig = Figure(figsize=(10, 3.2))
         axes = fig.subplots(1, 2)
