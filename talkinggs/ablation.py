@@ -4,22 +4,26 @@
 
 # %% ../nbs/33_ablation.ipynb #00000003
 from __future__ import annotations
-import dataclasses, json, os, time
+import dataclasses, json, os, shutil, signal, socket, sys, time, traceback
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
 
 from .core import get_device
-from .bookkeeping import atomic_write_text, versions
-from .train_config import TrainConfig
+from .bookkeeping import atomic_write_text, versions, data_checksum, Interrupted, sigterm_as_interrupt
+from .train_config import TrainConfig, resolve_config
+from .clip import read_meta
 from .model import METHODS
+from .run import saved_config, SAFE_ON_RESUME
 from .train import train
 from .evaluate import evaluate, render_frames, lip_spread
 
 # %% auto #0
-__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'run_row', 'check_rows',
-           'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'write_table', 'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'LOCK', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'resolved_config',
+           'n_train_frames', 'row_error', 'row_differs', 'row_state', 'run_row', 'take_lock', 'release_lock',
+           'check_rows', 'check_seeds', 'check_devices', 'run_jobs', 'ablate', 'ablation_table', 'read_rows',
+           'failed_rows', 'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -88,6 +92,50 @@ def _summary(rep: dict) -> dict:
     "The numbers of an evaluation report that go into a row (summary + head share)."
     return rep["summary"] | dict(head_share=rep["head_share"], frames=len(rep["frames"]))
 
+def resolved_config(row: Row, seed: int,
+                    base: dict | None,   # fields set for every row (see `row_config`)
+                    n_train: int,        # training frames of the clip (the presets' iteration counts depend on it)
+                   ) -> TrainConfig:
+    "The resolved TrainConfig of a row (chapter 28's `resolve_config`); a bad one: a ValueError naming the row."
+    try: return resolve_config(row_config(row, seed, base), n_train)
+    except (ValueError, TypeError) as e: raise ValueError(f"row {row.name}: {e}") from None
+
+def n_train_frames(data: str | Path) -> int:
+    "How many training frames a preprocessed clip (or a few-shot view of one) has."
+    return int(np.diff(read_meta(data)["split"]["train"])[0])
+
+def row_error(folder: str | Path) -> str | None:
+    "The first line of a failed row's error.txt (the exception's first line; then its traceback); None if none."
+    p = Path(folder) / "error.txt"
+    return (p.read_text().splitlines() or ["error.txt is empty"])[0] if p.is_file() else None
+
+def row_differs(folder: str | Path,   # a row folder (out/<row>_s<seed>)
+                cfg: TrainConfig,     # the resolved config asked for now
+                checksum: str,        # `data_checksum` of the data asked for now
+                data: str | Path,     # that data folder (named in the message)
+               ) -> str:
+    "What differs from what is asked, in words: resolved config, data by data_checksum (SHA-256 of the clip's files)."
+    folder, now = Path(folder), str(Path(data).resolve())
+    res = json.loads((folder / "row.json").read_text()) if (folder / "row.json").is_file() else {}
+    run = folder / "run" / "config.json"
+    info = json.loads(run.read_text()) if run.is_file() else {}
+    saved = asdict(saved_config(run.parent)) if info else res.get("config", {})   # the run's own resolved config
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SAFE_ON_RESUME]   # not how it saves
+    diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in keys
+            if saved.get(k) is not None and saved[k] != getattr(cfg, k)]
+    was, path = res.get("data_checksum") or info.get("data_checksum"), res.get("data") or info.get("data")
+    if (was is not None and was != checksum) or (was is None and path is not None and path != now):
+        diff.append(f"data {path}" + (f" (now {now})" if path != now else " (its files changed since)"))
+    return ", ".join(diff)
+
+def row_state(folder: str | Path, cfg: TrainConfig, checksum: str, data: str | Path) -> tuple[str, str]:
+    "A row folder against what is asked: (new, done, partial, failed or differs; what differs, see `row_differs`)."
+    folder = Path(folder)
+    done, started = (folder / "row.json").is_file(), (folder / "run" / "config.json").is_file()
+    diff = row_differs(folder, cfg, checksum, data) if done or started else ""
+    if not done and (folder / "error.txt").is_file(): return "failed", diff
+    return ("differs", diff) if diff else ("done" if done else "partial" if started else "new", "")
+
 def run_row(data: str | Path,          # preprocessed clip
             out: str | Path,           # the ablation folder; this row goes to out/<row>_s<seed>
             row: Row, seed: int = 0,
@@ -97,11 +145,20 @@ def run_row(data: str | Path,          # preprocessed clip
             static: bool = True,        # also evaluate the test frames with the motion fields off
             progress: bool = False,
             novel: str | None = None,   # speech by another voice: frames driven by it saved for `lip_spread`
+            redo: bool = False,         # retrain a row made with another config or data (else that is refused)
+            checksum: str | None = None,   # `data_checksum(data)` when the caller has it
            ) -> dict:
     "Train a row; evaluate test (moving, static) and train frames; write out/<row>_s<seed>/row.json (atomic); its dict."
     folder = Path(out) / f"{row.name}_s{seed}"
-    if (folder / "row.json").is_file(): return json.loads((folder / "row.json").read_text())   # done before
-    cfg, dev = row_config(row, seed, base), get_device(device)
+    cfg, dev = resolved_config(row, seed, base, n_train_frames(data)), get_device(device)
+    checksum = checksum or data_checksum(data)
+    state, diff = row_state(folder, cfg, checksum, data)
+    if state == "done": return json.loads((folder / "row.json").read_text())   # the same row, done before
+    if state == "differs" and not redo:
+        raise ValueError(f"{folder} was made with {diff}: pass redo=True (--redo) to train it again, "
+                         f"or use another folder")
+    if diff: shutil.rmtree(folder / "run")   # made otherwise (--redo, or a failed row): trained anew, as asked now
+    for name in ("row.json", "error.txt"): (folder / name).unlink(missing_ok=True)
     t0 = time.time()
     train(data, folder / "run", cfg, device=dev, resume=(folder / "run" / "config.json").exists(), progress=progress)
     seconds = time.time() - t0
@@ -110,27 +167,98 @@ def run_row(data: str | Path,          # preprocessed clip
     still = evaluate(folder / "run", device=dev, video=False, progress=False, static=True) if static else None
     if novel is not None: render_frames(folder / "run", novel, folder / "run" / "novel", device=str(dev))
     res = dict(row=row.name, seed=seed, cause=row.cause, changes=row.changes, base=base or {},
-               data=str(Path(data).resolve()), novel_audio=None if novel is None else str(novel),
-               train_seconds=round(seconds, 1), test=_summary(test), train=_summary(tr), config=asdict(cfg),
+               data=str(Path(data).resolve()), data_checksum=checksum,
+               novel_audio=None if novel is None else str(novel),
+               train_seconds=round(seconds, 1), test=_summary(test), train=_summary(tr),
+               config=asdict(row_config(row, seed, base)),
                **({"test_static": _summary(still)} if still else {}),
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", versions=versions("gsplat"),
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
     atomic_write_text(json.dumps(res, indent=1, default=float), folder / "row.json")
     return res
 
+# %% ../nbs/33_ablation.ipynb #092ade4c
+LOCK = "lock.json"   # in a row folder while a command owns it: {"pid", "host", "start"}
+
+def _started(pid: int) -> str | None:
+    "When a process started (Linux /proc: clock ticks after boot), to tell it from a later process with its pid."
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError): return None
+
+def _alive(holder: dict) -> bool:
+    "Whether a lock's holder may still run: on another host we cannot tell (yes); here, its pid alive and not reused."
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname(): return True
+    if not isinstance(pid, int) or pid <= 0: return False         # a damaged lock
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass                                  # alive, another user's
+    now = _started(pid)
+    return now is None or holder.get("start") in (None, now)     # else a later process took its pid
+
+def take_lock(folder: str | Path) -> Path:
+    "Own `folder` (LOCK: pid, host); a stale lock (its pid gone from this host) is taken over, a live one refused."
+    path, holder = Path(folder) / LOCK, {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), start=_started(os.getpid()))
+    for _ in range(5):
+        try:
+            with open(path, "x") as f: f.write(json.dumps(me))    # "x": only if there is no lock
+            return path
+        except FileExistsError: pass
+        try: holder = json.loads(path.read_text())
+        except (OSError, ValueError): holder = {}                 # just released, or being written this instant
+        if holder and _alive(holder): break
+        if holder: path.unlink(missing_ok=True)                   # stale: its process has ended
+        else: time.sleep(0.2)
+    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock"
+    raise RuntimeError(f"{folder} is in use by {who} (another talkinggs command): wait for it to end or use "
+                       f"another --out; if no such process runs, delete {path}")
+
+def release_lock(path: str | Path) -> None:
+    "Remove a lock this process holds; then its folder, and an empty run folder inside, if nothing else is left."
+    path = Path(path)
+    try: mine = json.loads(path.read_text())["pid"] == os.getpid()
+    except (OSError, ValueError, KeyError): mine = False
+    if mine: path.unlink()
+    for d in (path.parent / "run", path.parent):
+        try: d.rmdir()
+        except OSError: pass                                      # not empty (or gone): kept
+
 # %% ../nbs/33_ablation.ipynb #0000000c
-def _worker(jobs, device, base, train_frames, static, novel=None):
-    "One device: take (data, out, row name, seed) jobs from the queue until it is empty."
-    import queue, traceback
+def _worker(jobs, device, base, train_frames, static, novel=None, redo=False,
+            parent: int | None = None):   # the pid of the command that owns the rows (a worker process: stop if gone)
+    "One device: take (data, out, row name, seed, data checksum) jobs from the queue until its stop sign (None)."
     if device.startswith("cuda"): torch.cuda.set_device(device)
     while True:
-        try: data, out, name, seed = jobs.get(timeout=2)    # (a queue's put reaches other processes a moment later)
-        except queue.Empty: return
-        try: run_row(data, out, ROWS[name], seed, device, base, train_frames, static, novel=novel)
-        except Exception:
-            d = Path(out) / f"{name}_s{seed}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "error.txt").write_text(traceback.format_exc())
+        job = jobs.get()
+        if job is None or (parent is not None and os.getppid() != parent): return   # done, or its command was killed
+        data, out, name, seed, checksum = job
+        try:
+            run_row(data, out, ROWS[name], seed, device, base, train_frames, static, novel=novel, redo=redo,
+                    checksum=checksum)
+        except (Interrupted, KeyboardInterrupt): raise            # a stop, not a failure: the run ends here
+        except Exception as e:                                    # error.txt: its first line, then the traceback
+            first = (str(e).strip().splitlines() or [""])[0]
+            atomic_write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}",
+                              Path(out) / f"{name}_s{seed}" / "error.txt")
+
+def _child(jobs, device, base, train_frames, static, novel, redo, parent) -> None:
+    "A worker process: Ctrl-C is its parent's to handle; the parent's SIGTERM saves the checkpoint and ends it."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigterm_as_interrupt(): _worker(jobs, device, base, train_frames, static, novel, redo, parent)
+    except (Interrupted, KeyboardInterrupt): sys.exit(130)
+
+def _stop(procs: list) -> None:
+    "Stop worker processes: SIGTERM (each saves its checkpoint), then wait for them; a second Ctrl-C kills them."
+    for p in procs:
+        if p.is_alive(): p.terminate()
+    try:
+        for p in procs: p.join()
+    except KeyboardInterrupt:
+        for p in procs: p.kill()
+        for p in procs: p.join()
 
 def _build_gsplat(devices: list[str]) -> None:
     "Compile gsplat's CUDA code once, here, before the workers start (several processes compiling at once collide)."
@@ -148,30 +276,81 @@ def check_rows(rows: list[str] | None) -> list[str]:
     if unknown: raise ValueError(f"unknown rows {unknown}; known: {sorted(ROWS)}")
     return rows
 
+def check_seeds(seeds) -> tuple:
+    "Seeds as ints, each once (two workers on one seed would train into one folder); else a ValueError."
+    bad = [s for s in seeds if isinstance(s, bool) or not str(s).strip().isdigit() or int(s) >= 2**32]
+    if bad or not seeds: raise ValueError(f"seeds are whole numbers from 0 to 2**32 - 1, got {(bad or ['none'])[0]!r}")
+    seeds = tuple(int(s) for s in seeds)
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice: raise ValueError(f"seed {twice[0]} is given twice: each seed trains into one folder, give each once")
+    return seeds
+
+def check_devices(devices: list[str] | None) -> list[str]:
+    "Worker devices, checked before any work ('cuda' is 'cuda:0'); none given: every visible GPU, else the CPU."
+    if not devices: return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    out = []
+    for d in devices:
+        dev = get_device(str(d).strip())   # an unknown name, or a GPU this machine lacks: a ValueError, one line
+        if dev.type not in ("cpu", "cuda"): raise ValueError(f"device {d!r} cannot train rows: use cpu, cuda or cuda:N")
+        out.append("cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}")
+    return out
+
 def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder, row name, seed) each
              # one worker each (a device named twice: two); default every GPU, else ["cpu"]
              devices: list[str] | None = None,
              base: dict | None = None,           # fields set for every row
              train_frames: int = 60,
              static: bool = True,                # also evaluate each row's static model (`run_row`)
-             novel: str | None = None) -> None:  # speech by another voice for each row's lip spread (`run_row`)
+             novel: str | None = None,           # speech by another voice for each row's lip spread (`run_row`)
+             redo: bool = False,                 # train again rows made with another config or data (else: refused)
+            ) -> None:
     "Train and evaluate every job (`run_row`), one worker process per entry of `devices`, all drawing from one queue."
+    jobs = [(Path(data), Path(out), name, seed) for data, out, name, seed in jobs]
     for data, *_ in jobs:
-        if not (Path(data) / "meta.json").is_file():
+        if not (data / "meta.json").is_file():
             raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json)")
-    devices = devices or ([f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"])
-    if any(d.startswith("cuda") for d in devices): _build_gsplat(devices)
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    for data, out, name, seed in jobs:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        queue.put((str(data), str(out), name, int(seed)))
-    if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static, novel)
-    else:
-        procs = [ctx.Process(target=_worker, args=(queue, d, base, train_frames, static, novel)) for d in devices]
-        for p in procs: p.start()
-        for p in procs: p.join()
+    devices = check_devices(devices)
+    check_rows(list(dict.fromkeys(name for _, _, name, _ in jobs)))
+    check_seeds(list(dict.fromkeys(seed for *_, seed in jobs)))
+    folders = [out / f"{name}_s{int(seed)}" for _, out, name, seed in jobs]
+    twice = [f for f in dict.fromkeys(folders) if folders.count(f) > 1]
+    if twice: raise ValueError(f"{twice[0]} is asked for twice: two workers would train into one folder; ask once")
+    n_train = {data: n_train_frames(data) for data in dict.fromkeys(d for d, *_ in jobs)}
+    cfgs = [resolved_config(ROWS[name], int(seed), base, n_train[data]) for data, _, name, seed in jobs]
+    made = [out for out in dict.fromkeys(o for _, o, *_ in jobs) if not out.exists()]
+    locks, procs = [], []
+    with sigterm_as_interrupt():                       # a kill stops the rows as Ctrl-C does
+        try:
+            for f in folders: locks.append(take_lock(f))
+            sums = {data: data_checksum(data) for data in n_train}
+            states = [row_state(f, c, sums[job[0]], job[0]) for f, c, job in zip(folders, cfgs, jobs)]
+            differ = [(f, diff) for f, (state, diff) in zip(folders, states) if state == "differs"]
+            if differ and not redo:
+                more = f" (and {len(differ) - 1} other rows)" if len(differ) > 1 else ""
+                raise ValueError(f"{differ[0][0]} was made with {differ[0][1]}{more}: pass --redo (redo=True) to "
+                                 f"train such rows again, or use another --out")
+            if any(d.startswith("cuda") for d in devices): _build_gsplat(devices)
+            import torch.multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            queue.cancel_join_thread()                 # a stopped run exits without waiting for unread jobs
+            for data, out, name, seed in jobs: queue.put((str(data), str(out), name, int(seed), sums[data]))
+            for _ in devices: queue.put(None)          # one stop sign per worker
+            if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static, novel, redo)
+            else:
+                args = (base, train_frames, static, novel, redo, os.getpid())
+                procs = [ctx.Process(target=_child, args=(queue, d, *args)) for d in devices]
+                for p in procs: p.start()
+                for p in procs: p.join()
+        except (KeyboardInterrupt, Interrupted):
+            _stop(procs)
+            raise Interrupted("interrupted: run the same command again to continue (finished rows and the "
+                              "checkpoints of the others are kept)") from None
+        finally:
+            for lock in locks: release_lock(lock)
+            for out in made:
+                try: out.rmdir()                       # nothing was written into it
+                except OSError: pass
 
 def ablate(data: str | Path, out: str | Path,
            rows: list[str] | None = None,     # names in ROWS or ROW_GROUPS (default: all rows)
@@ -180,10 +359,11 @@ def ablate(data: str | Path, out: str | Path,
            base: dict | None = None,          # fields set for every row
            train_frames: int = 60,
            novel: str | None = None,          # speech by another voice: each row's frames driven by it (`run_row`)
+           redo: bool = False,                # train again rows made with another config or data (else: refused)
           ) -> list[dict]:
     "Run every (row, seed) with one worker per device; write row JSONs, ablation.json and ablation.md; the rows."
-    rows = check_rows(rows)
-    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames, novel=novel)
+    rows, seeds = check_rows(rows), check_seeds(seeds)
+    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames, novel=novel, redo=redo)
     return write_table(out, rows, seeds)
 
 # %% ../nbs/33_ablation.ipynb #0000000e
@@ -199,13 +379,18 @@ TABLE_COLUMNS = [   # (header, split, key in the summary)
 def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
 
-def ablation_table(results: list[dict]) -> str:
+def ablation_table(results: list[dict],
+                   failed: list[dict] = (),   # rows that failed (`failed_rows`): a line each, marked
+                  ) -> str:
     "Markdown table of row results (one line per row and seed)."
     head = "| row | seed | " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " | train s |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
     for r in results:
         vals = [_fmt(r.get(split, {}).get(k)) for _, split, k in TABLE_COLUMNS]
         lines.append(f"| {r['row']} | {r['seed']} | " + " | ".join(vals) + f" | {r['train_seconds']:.0f} |")
+    for f in failed:
+        why = f["error"].replace("|", "/")            # a | would end its cell
+        lines.append(f"| {f['row']} | {f['seed']} | failed: {why} |" + " – |" * len(TABLE_COLUMNS))
     return "\n".join(lines)
 
 def read_rows(out: str | Path, rows: list[str] | None = None, seeds: tuple | None = None) -> list[dict]:
@@ -216,13 +401,23 @@ def read_rows(out: str | Path, rows: list[str] | None = None, seeds: tuple | Non
     order = {n: i for i, n in enumerate(rows or list(ROWS))}
     return sorted(found, key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
 
+def failed_rows(out: str | Path, rows: list[str] | None = None, seeds: tuple | None = None) -> list[dict]:
+    "The named (row, seed) folders of `out` without row.json (no names: those with error.txt), with their error."
+    out = Path(out)
+    folders = ([out / f"{r}_s{int(s)}" for r in rows for s in seeds] if rows is not None and seeds is not None
+               else sorted(p.parent for p in out.glob("*_s*/error.txt")))
+    keys = [f.name.rsplit("_s", 1) for f in folders]
+    return [dict(row=r, seed=int(s), folder=str(f), error=row_error(f) or "no result: the row did not run to its end")
+            for f, (r, s) in zip(folders, keys) if not (f / "row.json").is_file()]
+
 def write_table(out: str | Path, rows: list[str] | None = None, seeds: tuple | None = None) -> list[dict]:
-    "ablation.json and ablation.md from the row JSONs under `out` (failed rows listed with their error file)."
+    "ablation.json and ablation.md from the row JSONs under `out` (failed rows marked with their error's first line)."
     out = Path(out)
     res = read_rows(out, rows, seeds)
-    failed = sorted(str(p.relative_to(out)) for p in out.glob("*_s*/error.txt") if not (p.parent / "row.json").exists())
+    failed = failed_rows(out, rows, seeds)
     machine = res[0]["device"] if res else "–"
-    md = f"{ablation_table(res)}\n\nDevice: {machine}." + (f" Failed: {', '.join(failed)}." if failed else "")
+    note = f" Failed: {len(failed)} (the traceback is in each one's error.txt)." if failed else ""
+    md = f"{ablation_table(res, failed)}\n\nDevice: {machine}.{note}"
     atomic_write_text(json.dumps(dict(rows=res, failed=failed), indent=1, default=float), out / "ablation.json")
     atomic_write_text(md + "\n", out / "ablation.md")
     return res

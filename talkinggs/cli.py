@@ -9,9 +9,9 @@ from pathlib import Path
 from fastcore.script import anno_parser, call_parse, Param, store_true
 
 # %% auto #0
-__all__ = ['DEVICE', 'QUIET', 'VERBOSE', 'DATA', 'DATA_OF_RUN', 'RUN', 'CONFIG', 'ROWS', 'SEEDS', 'DEVICES', 'LIP', 'BENCHMARKS',
-           'COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo', 'demo_cli',
-           'ablate_cli', 'study_cli', 'main']
+__all__ = ['DEVICE', 'QUIET', 'VERBOSE', 'DATA', 'DATA_OF_RUN', 'RUN', 'CONFIG', 'ROWS', 'SEEDS', 'DEVICES', 'LIP', 'REDO',
+           'BENCHMARKS', 'COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo',
+           'demo_cli', 'ablate_cli', 'study_cli', 'main']
 
 # %% ../nbs/99_cli.ipynb #38cb2ec0
 DEVICE = Param("auto, cpu, cuda or cuda:N", str)
@@ -25,11 +25,27 @@ ROWS = Param("comma-separated row names or groups (chapter 33: table4, methods; 
 SEEDS = Param("comma-separated seeds", str)
 DEVICES = Param("comma-separated devices (default: every visible GPU, else the CPU; a device twice: two workers)", str)
 LIP = Param("only fill in LMD and mouth-opening correlation from the saved renders and rewrite the tables", store_true)
+REDO = Param("train again the rows of OUT made with another --config or data (without it a rerun refuses them)",
+             store_true)
 
 def _fail(cmd: str, e: Exception | str):
     "One line on stderr, exit status 2."
     print(f"talkinggs {cmd}: error: {e}", file=sys.stderr)
     sys.exit(2)
+
+def _stopped(cmd: str, e: BaseException) -> None:
+    "Ctrl-C or SIGTERM: one line on stderr, exit status 130."
+    what = str(e) if str(e) else "interrupted: run the same command again to continue"
+    print(f"talkinggs {cmd}: {what}", file=sys.stderr)
+    sys.exit(130)
+
+def _report_failed(cmd: str, failed: list[dict]) -> None:
+    "Rows that failed: a line, then each row's folder and the first line of its error; exit status 1 (none: nothing)."
+    if not failed: return
+    print(f"talkinggs {cmd}: {len(failed)} row(s) failed: fix the cause and run the same command again "
+          f"(error.txt in each row folder has the traceback)", file=sys.stderr)
+    for f in failed: print(f"  {f['folder']}: {f['error']}", file=sys.stderr)
+    sys.exit(1)
 
 def _numbers(text: str, kind: type, what: str) -> tuple:
     "Comma-separated numbers of a flag ('0,1,2'), or a ValueError naming the flag."
@@ -248,25 +264,33 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                lip: LIP = False,
                novel: Param("speech by another voice (e.g. novel_speech_8s.wav): each row also renders frames driven "
                             "by it, whose lip spread --lip measures", str) = None,
-               list_rows: Param("print the rows and what each tests", store_true) = False):
+               list_rows: Param("print the rows and what each tests", store_true) = False,
+               redo: REDO = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
-    from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics
+    from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics, check_rows, failed_rows
+    from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
     from talkinggs.samples import SAMPLES, get_sample
     if list_rows:
         for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
         return
+    failed = []
     try:
-        if lip: fill_lip_metrics(out, data)
-        else:
-            if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
-            if novel and not Path(novel).exists() and novel in SAMPLES: novel = str(get_sample(novel))
-            if novel and not Path(novel).is_file(): raise FileNotFoundError(f"--novel {novel}: no such audio file")
-            ablate(data, out, rows.split(",") if rows else None, _numbers(seeds, int, "--seeds"),
-                   devices.split(",") if devices else None, parse_changes(config) or None, novel=novel)
+        with sigterm_as_interrupt():                   # a kill stops the rows as Ctrl-C does
+            if lip: fill_lip_metrics(out, data)
+            else:
+                if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
+                if novel and not Path(novel).exists() and novel in SAMPLES: novel = str(get_sample(novel))
+                if novel and not Path(novel).is_file(): raise FileNotFoundError(f"--novel {novel}: no such audio file")
+                names, sd = check_rows(rows.split(",") if rows else None), _numbers(seeds, int, "--seeds")
+                ablate(data, out, names, sd, devices.split(",") if devices else None, parse_changes(config) or None,
+                       novel=novel, redo=redo)
+                failed = failed_rows(out, names, sd)
+    except (Interrupted, KeyboardInterrupt) as e: _stopped("ablate", e)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
+    _report_failed("ablate", failed)
 
 # %% ../nbs/99_cli.ipynb #26aec522
 @call_parse
@@ -280,29 +304,35 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
               config: CONFIG = None,
               lengths: Param("fewshot: training lengths in seconds", str) = "10,15,20",
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
-              lip: LIP = False):
+              lip: LIP = False,
+              redo: REDO = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
-    from talkinggs.ablation import ablate, fill_lip_metrics
+    from talkinggs.ablation import ablate, fill_lip_metrics, check_rows, failed_rows
+    from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
     from talkinggs.studies import fewshot, write_fewshot
+    failed = []
     try:
-        sd, devs = _numbers(seeds, int, "--seeds"), devices.split(",") if devices else None
-        base = parse_changes(config) or None
-        if what == "ablation":
-            if lip: fill_lip_metrics(out, source)                  # rewrites the table too
-            else:
+        with sigterm_as_interrupt():                   # a kill stops the runs as Ctrl-C does
+            if what not in ("ablation", "fewshot"): raise ValueError(f"unknown study {what!r}: use ablation or fewshot")
+            sd, devs = _numbers(seeds, int, "--seeds"), devices.split(",") if devices else None
+            base = parse_changes(config) or None
+            if what == "ablation" and lip: fill_lip_metrics(out, source)     # rewrites the table too
+            elif what == "ablation":
                 if source is None: raise ValueError("give the preprocessed clip the rows train on")
-                ablate(source, out, rows.split(",") if rows else ["table4"], sd, devs, base)
-            print(Path(out, "ablation.md").read_text())
-        elif what == "fewshot":
-            if lip: write_fewshot(out, lip=True)
+                names = check_rows(rows.split(",") if rows else ["table4"])
+                ablate(source, out, names, sd, devs, base, redo=redo)
+                failed = failed_rows(out, names, sd)
+            elif lip: write_fewshot(out, lip=True)
             else:
                 if source is None: raise ValueError("give the video (or preprocessed clip) of the study")
                 fewshot(source, out, _numbers(lengths, float, "--lengths"), test_seconds,
-                        rows.split(",") if rows else ["methods"], sd, devs, base)
-            print(Path(out, "fewshot.md").read_text())
-        else: raise ValueError(f"unknown study {what!r}: use ablation or fewshot")
+                        rows.split(",") if rows else ["methods"], sd, devs, base, redo=redo)
+                failed = json.loads(Path(out, "fewshot.json").read_text())["failed"]
+    except (Interrupted, KeyboardInterrupt) as e: _stopped("study", e)
     except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("study", e)
+    print(Path(out, "ablation.md" if what == "ablation" else "fewshot.md").read_text())
+    _report_failed("study", failed)
 
 # %% ../nbs/99_cli.ipynb #461799be
 COMMANDS = {  # sub-command -> (function, one-line help)

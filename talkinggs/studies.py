@@ -4,11 +4,13 @@
 
 # %% ../nbs/34_studies.ipynb #b22aa799
 from __future__ import annotations
-import json, os
+import json, os, shutil
 from pathlib import Path
 import numpy as np
 from .bookkeeping import atomic_write_text
-from .ablation import check_rows, run_jobs, write_table, read_rows, fill_lip_metrics, _fmt
+from .ablation import (
+    ROWS, check_rows, check_seeds, check_devices, resolved_config, run_jobs, write_table, read_rows, failed_rows,
+    fill_lip_metrics, take_lock, release_lock, _fmt)
 
 # %% auto #0
 __all__ = ['FEWSHOT_COLUMNS', 'fewshot_split', 'fewshot_table', 'fewshot_plot', 'fewshot', 'write_fewshot']
@@ -27,6 +29,9 @@ def fewshot_split(data: str | Path,     # a preprocessed clip
     if a < 2 or a > b:
         raise ValueError(f"{data.name}: {n / fps:.1f} s is too short to train on {train_seconds:g} s "
                          f"and test on a separate {test_seconds:g} s")
+    if (out / "meta.json").is_file():
+        was = json.loads((out / "meta.json").read_text()).get("fewshot", {}).get("source")
+        if was is not None and was != str(data.resolve()): shutil.rmtree(out)   # a view of another clip: made anew
     out.mkdir(parents=True, exist_ok=True)
     for p in data.rglob("*"):                                  # the clip's files, each linked once
         q = out / p.relative_to(data)
@@ -42,13 +47,19 @@ FEWSHOT_COLUMNS = [   # (header, key in the test summary): the GaussianTalker re
     ("PSNR", "psnr"), ("SSIM face", "ssim_face"), ("LPIPS", "lpips"), ("LMD", "lmd"),
     ("head PSNR", "psnr_head"), ("LMD centred", "lmd_centred")]
 
-def fewshot_table(res: list[dict]) -> str:
-    "Markdown: one line per training length and row (method)."
+def fewshot_table(res: list[dict],
+                  failed: list[dict] = (),   # runs that failed (chapter 33's `failed_rows`, with train_seconds_clip)
+                 ) -> str:
+    "Markdown: one line per training length and row (method); a failed run's line says so."
     lines = ["| train s | row | seed | " + " | ".join(h for h, _ in FEWSHOT_COLUMNS) + " |",
              "|" + "---|" * (len(FEWSHOT_COLUMNS) + 3)]
     for r in res:
         lines.append(f"| {r['train_seconds_clip']:g} | {r['row']} | {r['seed']} | " +
                      " | ".join(_fmt(r["test"].get(k)) for _, k in FEWSHOT_COLUMNS) + " |")
+    for f in failed:
+        why = f["error"].replace("|", "/")            # a | would end its cell
+        lines.append(f"| {f['train_seconds_clip']:g} | {f['row']} | {f['seed']} | failed: {why} |"
+                     + " – |" * (len(FEWSHOT_COLUMNS) - 1))
     return "\n".join(lines)
 
 def fewshot_plot(res: list[dict], path: str | Path) -> None:
@@ -70,6 +81,37 @@ def fewshot_plot(res: list[dict], path: str | Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+def _check_lengths(lengths, test_seconds: float, clip: float | None = None) -> tuple:
+    "Training lengths and test tail in seconds, positive, each length once, fitting a clip of `clip` s (when known)."
+    try: lengths, test_seconds = tuple(float(x) for x in lengths), float(test_seconds)
+    except (TypeError, ValueError): raise ValueError(f"lengths and the test tail are seconds, got {lengths!r} "
+                                                     f"and {test_seconds!r}") from None
+    if not lengths or not all(x > 0 for x in (*lengths, test_seconds)):
+        raise ValueError(f"training lengths and the test tail must be positive seconds, got lengths "
+                         f"{', '.join(f'{x:g}' for x in lengths) or 'none'} and --test_seconds {test_seconds:g}")
+    twice = sorted({x for x in lengths if lengths.count(x) > 1})
+    if twice: raise ValueError(f"the training length {twice[0]:g} s is given twice: give each length once")
+    if clip is not None and max(lengths) + test_seconds > clip:
+        raise ValueError(f"the clip is {clip:.1f} s: {max(lengths):g} s of training and a separate "
+                         f"{test_seconds:g} s test tail need {max(lengths) + test_seconds:g} s; "
+                         f"give shorter --lengths or --test_seconds, or a longer clip")
+    return lengths, test_seconds
+
+def _study_data(video: Path,    # the study's video
+                data: Path,     # where its preprocessed clip goes (out/data)
+                cfg,            # PreprocessConfig or None
+                redo: bool,     # preprocess again a folder made from another video
+               ) -> Path:
+    "The study's preprocessed clip: out/data, made from `video` once (a folder made from another video is refused)."
+    from talkinggs.preprocess import preprocess
+    if (data / "meta.json").is_file():
+        was = json.loads((data / "meta.json").read_text()).get("source")
+        if was == str(video.resolve()): return data
+        if not redo:
+            raise ValueError(f"{data} was preprocessed from {was}, not {video}: pass --redo to preprocess {video.name} "
+                             f"into it (its runs are then trained again), or use another --out")
+    return preprocess(video, data, cfg=cfg, overwrite=True, progress=False)
+
 def fewshot(source: str | Path,                   # a video (preprocessed once into out/data) or a preprocessed clip
             out: str | Path,                      # study folder
             lengths: tuple = (10, 15, 20),        # training lengths in seconds (GaussianTalker's study: 10, 15, 20)
@@ -81,46 +123,55 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
             train_frames: int = 60,               # training frames evaluated per run (chapter 33's `run_row`)
             preprocess_cfg=None,                  # PreprocessConfig when `source` is a video
             static: bool = False,                 # also evaluate each run's static model (the table does not use it)
+            redo: bool = False,                   # train again runs made with another config or data (else: refused)
            ) -> list[dict]:
     "Train every row on the first 10/15/20 s of one clip, test all on the same unseen tail: fewshot.json, .md and .png."
     out, source = Path(out), Path(source)
-    if source.is_file():
-        from talkinggs.preprocess import preprocess
-        data = out / "data"
-        if not (data / "meta.json").is_file():
-            preprocess(source, data, cfg=preprocess_cfg, progress=False)
-    elif (source / "meta.json").is_file(): data = source
+    lengths, test_seconds = _check_lengths(lengths, test_seconds)
+    rows, seeds, devices = check_rows(list(rows)), check_seeds(seeds), check_devices(devices)
+    if source.is_file():                                   # a video: its length from its header, before any work
+        from talkinggs.video import probe_video
+        from talkinggs.preprocess import PreprocessConfig
+        clip, fps = probe_video(source).duration, (preprocess_cfg or PreprocessConfig()).fps
+    elif (source / "meta.json").is_file():
+        meta = json.loads((source / "meta.json").read_text())
+        clip, fps = meta["n_frames"] / meta["fps"], meta["fps"]
     else: raise FileNotFoundError(f"{source} is neither a video file nor a preprocessed clip (no meta.json)")
-    meta = json.loads((data / "meta.json").read_text())
-    clip = meta["n_frames"] / meta["fps"]
-    if max(lengths) + test_seconds > clip:
-        raise ValueError(f"the clip is {clip:.1f} s: {max(lengths):g} s of training and a separate "
-                         f"{test_seconds:g} s test tail need {max(lengths) + test_seconds:g} s")
-    rows = check_rows(list(rows))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(dict(data=str(data.resolve()), clip_seconds=clip, test_seconds=test_seconds,
-                                      lengths=list(lengths), rows=rows, seeds=list(seeds)), indent=1),
-                      out / "study.json")
-    views = {L: fewshot_split(data, out / f"data_{L:g}s", L, test_seconds) for L in lengths}
-    run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds],
-             devices, base, train_frames, static)
-    for L in lengths: write_table(out / f"{L:g}s", rows, seeds)   # each length's ablation.md
-    return write_fewshot(out)
+    _check_lengths(lengths, test_seconds, clip)
+    for r in rows:                                         # every run's config, before anything is written
+        for s in seeds: resolved_config(ROWS[r], s, base, max(2, int(round(min(lengths) * fps))))
+    lock = take_lock(out)                                  # one study command at a time in `out`
+    try:
+        data = _study_data(source, out / "data", preprocess_cfg, redo) if source.is_file() else source
+        meta = json.loads((data / "meta.json").read_text())
+        clip = meta["n_frames"] / meta["fps"]
+        _check_lengths(lengths, test_seconds, clip)        # the frames preprocessing kept
+        views = {L: fewshot_split(data, out / f"data_{L:g}s", L, test_seconds) for L in lengths}
+        run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds],
+                 devices, base, train_frames, static, redo=redo)
+        atomic_write_text(json.dumps(dict(data=str(data.resolve()), clip_seconds=clip, test_seconds=test_seconds,
+                                          lengths=list(lengths), rows=rows, seeds=list(seeds)), indent=1),
+                          out / "study.json")
+        for L in lengths: write_table(out / f"{L:g}s", rows, seeds)   # each length's ablation.md
+        return write_fewshot(out)
+    finally: release_lock(lock)
 
 def write_fewshot(
     out: str | Path,    # a study folder of `fewshot`
     lip: bool = False,  # first fill in LMD from the saved renders (a machine without mediapipe trained it)
 ) -> list[dict]:
-    "fewshot.json, fewshot.md and fewshot.png from the row JSONs of a study folder."
+    "fewshot.json, fewshot.md and fewshot.png from the row JSONs of a study folder (failed runs marked)."
     out = Path(out)
     spec = json.loads((out / "study.json").read_text())
-    res = []
+    res, failed = [], []
     for L in spec["lengths"]:
         if lip: fill_lip_metrics(out / f"{L:g}s", out / f"data_{L:g}s")
         res += [r | dict(train_seconds_clip=L) for r in read_rows(out / f"{L:g}s", spec["rows"], spec["seeds"])]
-    atomic_write_text(json.dumps(spec | dict(results=res), indent=1, default=float), out / "fewshot.json")
+        failed += [f | dict(train_seconds_clip=L) for f in failed_rows(out / f"{L:g}s", spec["rows"], spec["seeds"])]
+    atomic_write_text(json.dumps(spec | dict(results=res, failed=failed), indent=1, default=float),
+                      out / "fewshot.json")
     atomic_write_text(f"Few-shot study of {spec['data']} ({spec['clip_seconds']:.1f} s): each row trained on the first "
-                      f"L seconds, all tested on the last {spec['test_seconds']:g} s.\n\n{fewshot_table(res)}\n",
-                      out / "fewshot.md")
+                      f"L seconds, all tested on the last {spec['test_seconds']:g} s.\n\n"
+                      f"{fewshot_table(res, failed)}\n", out / "fewshot.md")
     fewshot_plot(res, out / "fewshot.png")
     return res
