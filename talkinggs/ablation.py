@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import get_device
-from .bookkeeping import atomic_write_text, versions, data_checksum, Interrupted, sigterm_as_interrupt
+from .core import check_devices, get_device
+from .bookkeeping import (atomic_write_text, versions, data_checksum, Interrupted, sigterm_as_interrupt,
+                                   LOCK, take_lock, release_lock)
 from .train_config import TrainConfig, resolve_config
 from .clip import read_meta
 from .model import METHODS
@@ -20,10 +21,10 @@ from .train import train
 from .evaluate import evaluate, render_frames, lip_spread
 
 # %% auto #0
-__all__ = ['ROWS', 'ROW_GROUPS', 'LOCK', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'resolved_config',
-           'n_train_frames', 'row_error', 'row_differs', 'row_state', 'run_row', 'take_lock', 'release_lock',
-           'check_rows', 'check_seeds', 'check_devices', 'run_jobs', 'ablate', 'ablation_table', 'read_rows',
-           'failed_rows', 'write_table', 'fill_lip_metrics']
+__all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'resolved_config',
+           'n_train_frames', 'row_error', 'row_differs', 'row_state', 'run_row', 'release_row', 'check_rows',
+           'check_seeds', 'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'failed_rows', 'write_table',
+           'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -178,50 +179,10 @@ def run_row(data: str | Path,          # preprocessed clip
     return res
 
 # %% ../nbs/33_ablation.ipynb #092ade4c
-LOCK = "lock.json"   # in a row folder while a command owns it: {"pid", "host", "start"}
-
-def _started(pid: int) -> str | None:
-    "When a process started (Linux /proc: clock ticks after boot), to tell it from a later process with its pid."
-    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError): return None
-
-def _alive(holder: dict) -> bool:
-    "Whether a lock's holder may still run: on another host we cannot tell (yes); here, its pid alive and not reused."
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname(): return True
-    if not isinstance(pid, int) or pid <= 0: return False         # a damaged lock
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: pass                                  # alive, another user's
-    now = _started(pid)
-    return now is None or holder.get("start") in (None, now)     # else a later process took its pid
-
-def take_lock(folder: str | Path) -> Path:
-    "Own `folder` (LOCK: pid, host); a stale lock (its pid gone from this host) is taken over, a live one refused."
-    path, holder = Path(folder) / LOCK, {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = dict(pid=os.getpid(), host=socket.gethostname(), start=_started(os.getpid()))
-    for _ in range(5):
-        try:
-            with open(path, "x") as f: f.write(json.dumps(me))    # "x": only if there is no lock
-            return path
-        except FileExistsError: pass
-        try: holder = json.loads(path.read_text())
-        except (OSError, ValueError): holder = {}                 # just released, or being written this instant
-        if holder and _alive(holder): break
-        if holder: path.unlink(missing_ok=True)                   # stale: its process has ended
-        else: time.sleep(0.2)
-    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock"
-    raise RuntimeError(f"{folder} is in use by {who} (another talkinggs command): wait for it to end or use "
-                       f"another --out; if no such process runs, delete {path}")
-
-def release_lock(path: str | Path) -> None:
-    "Remove a lock this process holds; then its folder, and an empty run folder inside, if nothing else is left."
-    path = Path(path)
-    try: mine = json.loads(path.read_text())["pid"] == os.getpid()
-    except (OSError, ValueError, KeyError): mine = False
-    if mine: path.unlink()
-    for d in (path.parent / "run", path.parent):
+def release_row(lock: Path) -> None:
+    "Give back a row folder's lock (chapter 04); then remove the folder, and an empty run folder in it, if empty."
+    release_lock(lock)
+    for d in (lock.parent / "run", lock.parent):
         try: d.rmdir()
         except OSError: pass                                      # not empty (or gone): kept
 
@@ -285,16 +246,6 @@ def check_seeds(seeds) -> tuple:
     if twice: raise ValueError(f"seed {twice[0]} is given twice: each seed trains into one folder, give each once")
     return seeds
 
-def check_devices(devices: list[str] | None) -> list[str]:
-    "Worker devices, checked before any work ('cuda' is 'cuda:0'); none given: every visible GPU, else the CPU."
-    if not devices: return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-    out = []
-    for d in devices:
-        dev = get_device(str(d).strip())   # an unknown name, or a GPU this machine lacks: a ValueError, one line
-        if dev.type not in ("cpu", "cuda"): raise ValueError(f"device {d!r} cannot train rows: use cpu, cuda or cuda:N")
-        out.append("cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}")
-    return out
-
 def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder, row name, seed) each
              # one worker each (a device named twice: two); default every GPU, else ["cpu"]
              devices: list[str] | None = None,
@@ -321,7 +272,7 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
     locks, procs = [], []
     with sigterm_as_interrupt():                       # a kill stops the rows as Ctrl-C does
         try:
-            for f in folders: locks.append(take_lock(f))
+            for f in folders: locks.append(take_lock(f, "ablate/study rows"))
             sums = {data: data_checksum(data) for data in n_train}
             states = [row_state(f, c, sums[job[0]], job[0]) for f, c, job in zip(folders, cfgs, jobs)]
             differ = [(f, diff) for f, (state, diff) in zip(folders, states) if state == "differs"]
@@ -347,7 +298,7 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
             raise Interrupted("interrupted: run the same command again to continue (finished rows and the "
                               "checkpoints of the others are kept)") from None
         finally:
-            for lock in locks: release_lock(lock)
+            for lock in locks: release_row(lock)
             for out in made:
                 try: out.rmdir()                       # nothing was written into it
                 except OSError: pass

@@ -12,9 +12,9 @@ import torch
 import talkinggs
 
 # %% auto #0
-__all__ = ['WriteFailed', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'FolderBusy',
-           'folder_lock', 'Interrupted', 'sigterm_as_interrupt', 'save_on_stop', 'MetricsLog', 'read_metrics',
-           'plot_metrics', 'versions', 'data_checksum']
+__all__ = ['LOCK', 'WriteFailed', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'FolderBusy',
+           'take_lock', 'release_lock', 'folder_lock', 'Interrupted', 'sigterm_as_interrupt', 'save_on_stop',
+           'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
 
 # %% ../nbs/04_bookkeeping.ipynb #1af2492a
 class WriteFailed(OSError):
@@ -67,57 +67,69 @@ def remove_partial_saves(folder: str | Path) -> int:
     return len(stale)
 
 # %% ../nbs/04_bookkeeping.ipynb #47f8433b
-class FolderBusy(FileExistsError):
-    "Another live process writes into the folder (its `.lock` names it)."
+LOCK = "lock.json"   # in a folder while a command writes into it: {"pid", "host", "start", "what", "since"}
 
-def _alive(pid: int) -> bool:
-    "Whether process `pid` runs on this host."
+class FolderBusy(FileExistsError, RuntimeError):
+    "Another live process writes into the folder (its lock file names it)."
+
+def _started(pid: int) -> str | None:
+    "When a process started (Linux /proc: clock ticks after boot), to tell it from a later process with its pid."
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError): return None
+
+def _alive(holder: dict) -> bool:
+    "Whether a lock's holder may still run: on another host we cannot tell (yes); here, its pid alive and not reused."
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname(): return True
+    if not isinstance(pid, int) or pid <= 0: return False         # a damaged lock
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
-    except PermissionError: return True            # it runs, as another user
-    return True
+    except PermissionError: pass                                  # alive, another user's
+    now = _started(pid)
+    return now is None or holder.get("start") in (None, now)     # else a later process took its pid
 
-def _holder(lock: Path) -> dict | None:
-    "The lock file's record, or None when it is gone or unreadable (a writer still filling it in)."
-    try: return json.loads(lock.read_text())
-    except (FileNotFoundError, ValueError): return None
+def take_lock(folder: str | Path,            # the folder to write into (created if missing)
+              what: str = "a talkinggs command",  # the holder's command, for a second writer's message
+             ) -> Path:
+    "Own `folder` (its LOCK file); a stale lock is taken over and said, a live one refused with `FolderBusy`."
+    path, holder = Path(folder) / LOCK, {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), start=_started(os.getpid()), what=what,
+              since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for _ in range(5):
+        try:
+            with open(path, "x") as f: f.write(json.dumps(me))    # "x": only if there is no lock (O_EXCL)
+            return path
+        except FileExistsError: pass
+        try: holder = json.loads(path.read_text())
+        except (OSError, ValueError): holder = {}                 # just released, or being written this instant
+        if holder and _alive(holder): break
+        if holder:                                                # stale: its process has ended
+            print(f"{folder}: taking over the stale lock of pid {holder.get('pid')} ({holder.get('what', '?')}), "
+                  f"whose process is gone", file=sys.stderr)
+            path.unlink(missing_ok=True)
+        else: time.sleep(0.2)
+    who = (f"{holder.get('what', 'another talkinggs command')} (pid {holder.get('pid')} on {holder.get('host')})"
+           if holder else "an unreadable lock")
+    raise FolderBusy(f"{folder} is in use by {who}: wait for it to end or use another folder; "
+                     f"if no such process runs, delete {path}")
+
+def release_lock(path: str | Path) -> None:
+    "Remove a lock file if this process holds it."
+    path = Path(path)
+    try: mine = json.loads(path.read_text())["pid"] == os.getpid()
+    except (OSError, ValueError, KeyError): mine = False
+    if mine: path.unlink()
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path,    # the folder to write into (created if missing)
-                what: str = "a command",  # the holder's command, for a second writer's message
+def folder_lock(folder: str | Path,                # the folder to write into (created if missing)
+                what: str = "a talkinggs command",  # the holder's command, for a second writer's message
                ):
-    "Inside: this process is the folder's only writer (`.lock`); a second writer gets `FolderBusy`, stale locks go."
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock, host = folder / ".lock", socket.gethostname()
-    me = dict(pid=os.getpid(), host=host, what=what, since=time.strftime("%Y-%m-%d %H:%M:%S"))
-    for attempt in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            h = _holder(lock)
-            if h is None:                          # being written this instant: look again
-                time.sleep(0.1)
-                continue
-            if h.get("host") == host and h.get("pid") == os.getpid():
-                yield                              # this process holds it already (nested): nothing to do
-                return
-            if h.get("host") == host and not _alive(int(h.get("pid", -1))):
-                print(f"{folder}: taking over a stale lock of pid {h['pid']} ({h.get('what')}, "
-                      f"since {h.get('since')}), whose process is gone", file=sys.stderr)
-                lock.unlink(missing_ok=True)
-                continue
-            fix = "wait for it or stop it" if h.get("host") == host else f"if it no longer runs, delete {lock}"
-            raise FolderBusy(f"{folder} is in use by {h.get('what')} (pid {h.get('pid')} on {h.get('host')}, "
-                             f"since {h.get('since')}): {fix}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(me))
-        break
-    else:
-        raise FolderBusy(f"{folder}: could not take its lock {lock} (it keeps changing); try again")
-    try: yield
-    finally:
-        if _holder(lock) == me: lock.unlink(missing_ok=True)
+    "Inside: this process is the folder's only writer (`take_lock`); the lock goes on leaving."
+    path = take_lock(folder, what)
+    try: yield path
+    finally: release_lock(path)
+
 
 # %% ../nbs/04_bookkeeping.ipynb #8acb59ce
 class Interrupted(Exception):

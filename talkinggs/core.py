@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['seed_everything', 'get_device', 'median_ms', 'update_config', 'save_config', 'load_config', 'quat_to_rotmat',
-           'rotmat_to_quat', 'fov_to_focal', 'focal_to_fov', 'intrinsics_from_fov', 'look_at', 'camera_centers',
-           'orbit_viewmats', 'world_to_camera', 'project_points', 'check_image', 'to_float_image', 'to_uint8', 'psnr',
-           'show_images']
+__all__ = ['seed_everything', 'get_device', 'check_devices', 'median_ms', 'update_config', 'save_config', 'load_config',
+           'quat_to_rotmat', 'rotmat_to_quat', 'fov_to_focal', 'focal_to_fov', 'intrinsics_from_fov', 'look_at',
+           'camera_centers', 'orbit_viewmats', 'world_to_camera', 'project_points', 'check_image', 'to_float_image',
+           'to_uint8', 'psnr', 'show_images']
 
 # %% ../nbs/00_core.ipynb #c7db9c99
 def seed_everything(seed: int = 0) -> None:
@@ -38,6 +38,18 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return d
+
+def check_devices(devices: list[str] | None) -> list[str]:
+    "Worker devices, checked before any work ('cuda' is 'cuda:0'); none given: every visible GPU, else the CPU."
+    if not devices: return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    out = []
+    for d in devices:
+        dev = get_device(str(d).strip())   # an unknown name, or a GPU this machine lacks: a ValueError, one line
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {d!r} cannot run a worker: use cpu, cuda or cuda:N")
+        out.append("cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}")
+    return out
+
 
 # %% ../nbs/00_core.ipynb #d5402e29
 def median_ms(fn,                     # a function of no arguments to time

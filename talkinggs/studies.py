@@ -7,10 +7,11 @@ from __future__ import annotations
 import json, os, shutil
 from pathlib import Path
 import numpy as np
-from .bookkeeping import atomic_write_text
+from .core import check_devices
+from .bookkeeping import atomic_write_text, take_lock
 from .ablation import (
-    ROWS, check_rows, check_seeds, check_devices, resolved_config, run_jobs, write_table, read_rows, failed_rows,
-    fill_lip_metrics, take_lock, release_lock, _fmt)
+    ROWS, check_rows, check_seeds, resolved_config, run_jobs, write_table, read_rows, failed_rows,
+    fill_lip_metrics, release_row, _fmt)
 
 # %% auto #0
 __all__ = ['FEWSHOT_COLUMNS', 'fewshot_split', 'fewshot_table', 'fewshot_plot', 'fewshot', 'write_fewshot']
@@ -140,7 +141,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
     _check_lengths(lengths, test_seconds, clip)
     for r in rows:                                         # every run's config, before anything is written
         for s in seeds: resolved_config(ROWS[r], s, base, max(2, int(round(min(lengths) * fps))))
-    lock = take_lock(out)                                  # one study command at a time in `out`
+    lock = take_lock(out, "study fewshot")                 # one study command at a time in `out`
     try:
         data = _study_data(source, out / "data", preprocess_cfg, redo) if source.is_file() else source
         meta = json.loads((data / "meta.json").read_text())
@@ -154,7 +155,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
                           out / "study.json")
         for L in lengths: write_table(out / f"{L:g}s", rows, seeds)   # each length's ablation.md
         return write_fewshot(out)
-    finally: release_lock(lock)
+    finally: release_row(lock)
 
 def write_fewshot(
     out: str | Path,    # a study folder of `fewshot`

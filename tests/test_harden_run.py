@@ -54,17 +54,17 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     dead.wait()
     run = tmp_path / "R"
     run.mkdir()
-    (run / ".lock").write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), what="train", since="x")))
+    (run / "lock.json").write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), what="train", since="x")))
     with pytest.raises(FileNotFoundError, match="not a preprocessed clip"):     # past the lock, to the data check
         train(tmp_path / "no_data", run, resume=True, progress=False)
-    assert not (run / ".lock").exists()
+    assert not (run / "lock.json").exists()
 
 
 def test_a_lock_from_another_host_is_left_alone(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps(dict(pid=1, host="elsewhere", what="ablate", since="x")))
-    with pytest.raises(FolderBusy, match="if it no longer runs, delete"):
+    (tmp_path / "lock.json").write_text(json.dumps(dict(pid=1, host="elsewhere", what="ablate", since="x")))
+    with pytest.raises(FolderBusy, match="if no such process runs, delete"):
         with folder_lock(tmp_path): pass
-    assert (tmp_path / ".lock").exists()
+    assert (tmp_path / "lock.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has two GPUs: --parallel can run here")

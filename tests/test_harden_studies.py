@@ -147,7 +147,7 @@ def test_cuda_devices(fake, tmp_path, capsys, monkeypatch):
         code, _, err = run(["ablate", fake, "--out", tmp_path / "out", "--devices", "cuda"], capsys)
         assert code == 2 and not (tmp_path / "out").exists()
         one_line(err, "sees no CUDA GPU")
-    from talkinggs.ablation import check_devices
+    from talkinggs.core import check_devices
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)                         # a two-GPU machine
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert check_devices(["cuda", "cuda:1", "cpu"]) == ["cuda:0", "cuda:1", "cpu"]       # set_device needs an index
@@ -163,7 +163,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(fake, tmp_path, capsy
     lock.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))         # a live holder: this test
     code, _, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
     assert code == 2 and lock.exists()
-    one_line(err, f"in use by pid {os.getpid()} on {socket.gethostname()}", "wait for it")
+    one_line(err, f"(pid {os.getpid()} on {socket.gethostname()})", "wait for it")
     lock.write_text(json.dumps(dict(pid=2**22 + 1, host=socket.gethostname())))           # above any pid: long gone
     code, table, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
     assert code == 0 and "| baseline | 0 | 20.50 |" in table and not lock.exists(), err
