@@ -44,6 +44,31 @@ def in_small_disks(tmp_path, script, full_kb=100):
     return r
 
 
+# ---------------------------------------------------------------- lip sync as JSON
+# before: NaN (not JSON) for silent audio, and r = 1.0 for a 2-frame video
+
+def test_mouth_audio_sync_is_strict_json_with_a_reason(tmp_path):
+    from talkinggs.evaluate import mouth_audio_sync
+    ff("-i", VIDEO, "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-map", "0:v", "-map", "1:a", "-shortest",
+       "-c:v", "copy", "-c:a", "aac", tmp_path / "silent.mp4")
+    ff("-i", VIDEO, "-frames:v", "2", "-t", "0.08", tmp_path / "two.mp4")
+    silent = mouth_audio_sync(tmp_path / "silent.mp4", size=128, max_frames=40)   # a video alone, no run folder
+    two = mouth_audio_sync(tmp_path / "two.mp4", size=128)
+    for r in (silent, two): json.dumps(r, allow_nan=False)                     # NaN is not JSON
+    assert silent["corr"] is None and silent["corr_note"] == "the audio is silent", silent
+    assert two["frames"] == 2 and two["corr"] is None and two["corr_note"].startswith("too few frames"), two
+    spoken = mouth_audio_sync(VIDEO, size=128, max_frames=40)
+    assert isinstance(spoken["corr"], float) and spoken["corr_note"] is None, spoken
+
+
+def test_correlation_gives_none_and_why():
+    from talkinggs.metrics import correlation
+    assert correlation([1, 2], [2, 1]) == (None, "too few frames (2 usable, need 3)")
+    names = ("the lips", "the audio energy")
+    assert correlation([1, 2, 3, 4], [0, 0, 0, 0], names) == (None, "the audio energy is constant")
+    assert correlation([1, np.nan, 3, 4], [2, 5, 6, 8])[0] == pytest.approx(1.0, abs=0.02)
+
+
 # ---------------------------------------------------------------- benchmark arguments
 # before: --repeats 0 failed after printing ("no median for empty data"), a refused report left an empty folder and
 # suggested --overwrite or --resume (bench has neither), and Ctrl-C left a half-trained run
