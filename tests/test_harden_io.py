@@ -44,6 +44,132 @@ def in_small_disks(tmp_path, script, full_kb=100):
     return r
 
 
+# ---------------------------------------------------------------- writing videos
+# before: a full disk gave a broken mp4 and exit 0 (`render` printed "126 frames"), a read-only folder "Broken pipe"
+
+WRITE = textwrap.dedent("""
+    import os, sys, numpy as np
+    from talkinggs.video import write_video
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(126)]
+    for d in sys.argv[1:]:
+        try: print("WROTE", write_video(frames, f"{d}/a.mp4"))
+        except Exception as e: print("ERROR", type(e).__name__, e)
+        print("LEFT", sorted(os.listdir(d)))
+    try:                                          # np.save to a path: only numpy's "... requested and ... written"
+        from pathlib import Path
+        from talkinggs.preprocess import _save
+        _save(Path(sys.argv[1]) / "landmarks.npy", np.save, np.zeros(200_000))
+    except Exception as e: print("ERROR", type(e).__name__, e)
+    """)
+
+
+def test_video_writer_on_a_full_or_read_only_disk_raises_one_error_and_leaves_nothing(tmp_path):
+    (tmp_path / "w.py").write_text(WRITE)
+    r = in_small_disks(tmp_path, f'{sys.executable} {tmp_path / "w.py"} "$FULL" "$RO"')
+    out = r.stdout.splitlines()
+    assert r.returncode == 0 and len(out) == 5, r.stdout + r.stderr[-2000:]
+    assert out[0] == f"ERROR WriteError disk full while writing {tmp_path / 'full' / 'a.mp4'}", out   # not "126 frames"
+    assert out[2] == f"ERROR WriteError read-only file system while writing {tmp_path / 'ro' / 'a.mp4'}", out
+    assert out[1] == out[3] == "LEFT []", out                           # no broken a.mp4, no .part file
+    assert "Broken pipe" not in r.stderr and "[out#0" not in r.stderr, r.stderr[-2000:]   # ffmpeg's log is ours
+    assert out[4] == f"ERROR WriteError disk full while writing {tmp_path / 'full' / 'landmarks.npy'}", out[4]
+
+
+def test_render_into_a_read_only_folder_is_one_line_before_any_work(tmp_path):
+    r = in_small_disks(tmp_path, f'{sys.executable} -m talkinggs render {tmp_path / "no_run"} --out "$RO/a.mp4"')
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last_line(r.stderr) == f"talkinggs render: error: read-only file system while writing {tmp_path}/ro/a.mp4"
+
+
+def test_the_written_video_is_read_back_and_counted(tmp_path, monkeypatch):
+    import talkinggs.video as v
+    from talkinggs.video import WriteError, write_video
+    frames = [np.full((32, 32, 3), 10 * i, np.uint8) for i in range(6)]
+    assert v._count_frames(write_video(frames, tmp_path / "ok.mp4")) == 6
+    monkeypatch.setattr(v, "_count_frames", lambda path: 5)            # a file that lost a frame on the way
+    with pytest.raises(WriteError, match=r"the written file holds 5 of 6 frames while writing .*bad\.mp4"):
+        write_video(frames, tmp_path / "bad.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mp4"]
+
+
+def test_write_errors_name_the_cause():
+    import errno
+    from talkinggs.video import WriteError, write_cause, writing
+    assert write_cause(OSError(errno.ENOSPC, "No space left on device")) == ("disk full", errno.ENOSPC)
+    log = "[out#0/mp4 @ 0x55] Error opening output /x/.a.part.mp4: Permission denied\nError opening output files"
+    assert write_cause(log) == ("no permission", errno.EACCES)                 # ffmpeg's log quotes the C library
+    assert write_cause("[vost#0:0 @ 0x5] Unknown encoder 'x'") == ("Unknown encoder 'x'", None)
+    with pytest.raises(WriteError) as info, writing("/data/clip/frames/000001.jpg"):
+        raise OSError(errno.EROFS, "Read-only file system")
+    e = info.value
+    assert str(e) == "read-only file system while writing /data/clip/frames/000001.jpg" and e.errno == errno.EROFS
+    back = pickle.loads(pickle.dumps(e))                                # from preprocessing's helper process
+    assert isinstance(back, WriteError) and str(back) == str(e) and isinstance(back, OSError)
+
+
+# ---------------------------------------------------------------- video input
+# before: a full disk crashed preprocessing (SIGBUS) or said "161280 requested and 35808 written"; a rotated phone
+# clip was read sideways; 3.96 s was "4.0 s long"; a portrait clip lost forehead and chin
+
+def test_preprocess_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path):
+    r = in_small_disks(tmp_path, f'{sys.executable} -m talkinggs preprocess {VIDEO} --out "$FULL/clip" --size 64 '
+                                 f'--quiet; echo "exit $?"; ls -A "$FULL"')
+    out = r.stdout.splitlines()
+    assert out == ["exit 2"], r.stdout + r.stderr[-2000:]              # no SIGBUS (exit 135), no partial folder
+    assert "Traceback" not in r.stderr and "requested and" not in r.stderr, r.stderr[-2000:]
+    msg = last_line(r.stderr)
+    assert msg.startswith(f"talkinggs preprocess: error: disk full while writing {tmp_path}/full/clip/"), msg
+
+
+def test_a_rotated_phone_clip_is_read_upright(tmp_path):
+    from talkinggs.video import probe_video, scan_faces, crop_box, iter_frames
+    ff("-i", VIDEO, "-vf", "pad=128:192:0:32", "-c:a", "copy", tmp_path / "upright.mp4")   # portrait, as seen
+    ff("-i", tmp_path / "upright.mp4", "-vf", "transpose=clock", "-c:a", "copy", tmp_path / "stored.mp4")
+    ff("-display_rotation", "90", "-i", tmp_path / "stored.mp4", "-c", "copy", tmp_path / "phone.mp4")
+    info = probe_video(tmp_path / "phone.mp4")                          # stored 192x128, shown 128x192
+    assert (info.width, info.height) == (128, 192), info
+    scan = scan_faces(info, progress=False)
+    box = crop_box(scan, info.width, info.height)
+    inside = box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= 128 and box[1] + box[2] <= 192
+    assert scan.found.mean() == 1.0 and inside, (scan.found.mean(), box)
+    a = next(iter_frames(tmp_path / "phone.mp4", crop=box, size=64)).astype(float)
+    b = next(iter_frames(tmp_path / "upright.mp4", crop=box, size=64)).astype(float)
+    assert np.abs(a - b).mean() < 4                                      # the same upright picture
+
+
+def test_a_clip_just_under_the_minimum_says_how_long_it_is():
+    from talkinggs.video import VideoError, VideoInfo, check_header
+    for seconds, shown in ((3.96, "3.96"), (3.999, "3.99")):
+        with pytest.raises(VideoError, match=rf"clip is {shown} s long; need at least 4 s"):
+            check_header(VideoInfo("phone.mp4", 640, 360, 30.0, seconds, "h264", "aac"))
+
+
+def test_a_portrait_clip_keeps_the_whole_face_and_says_the_frame_is_too_narrow(tmp_path, monkeypatch):
+    import talkinggs.preprocess as pp
+    from talkinggs.video import FaceScan, crop_box
+    narrow = FaceScan(np.ones(3, bool), np.array([[10, 100, 170, 300]] * 3, np.float32), 3)   # a 200 px face
+    x0, y0, side = crop_box(narrow, 180, 400)                            # in a 180 px wide frame
+    assert (x0, side) == (-75, 330)                                      # not cut to 180 px: 1.65 x the face
+    from talkinggs.video import crop_padding
+    assert crop_padding((x0, y0, side), 180, 400) == (75, 0, 75, 0)
+    ff("-i", VIDEO, "-vf", "scale=352:352,crop=288:352,pad=288:512:0:80", "-c:a", "copy", tmp_path / "portrait.mp4")
+    seen, real = {}, pp.iter_frames
+    class Stop(Exception): pass
+    def first_frame_only(video, fps, crop, size):                        # stop preprocessing after the crop
+        seen["box"], seen["frame"] = crop, next(real(video, fps, crop=crop, size=size))
+        raise Stop
+    monkeypatch.setattr(pp, "iter_frames", first_frame_only)
+    with pytest.warns(UserWarning) as rec, pytest.raises(Stop):
+        pp.preprocess(tmp_path / "portrait.mp4", tmp_path / "out", cfg=pp.PreprocessConfig(size=64), progress=False)
+    msgs = [str(w.message) for w in rec]
+    assert any("the 288x512 frame is too narrow for the crop: the face is" in m for m in msgs), msgs
+    x0, y0, side = seen["box"]
+    assert side > 288 and x0 < 0 and x0 + side > 288                     # wider than the frame on both sides
+    img = seen["frame"]                                                  # [64, 64, 3]: black bars left and right
+    assert img.shape == (64, 64, 3) and img[:, :3].max() < 20 and img[:, -3:].max() < 20 and img[:, 24:40].mean() > 60
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
 # ---------------------------------------------------------------- lip sync as JSON
 # before: NaN (not JSON) for silent audio, and r = 1.0 for a 2-frame video
 
