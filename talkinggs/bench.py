@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_bench.ipynb #131a2daf
 from __future__ import annotations
-import csv, json, os, platform, resource, statistics, subprocess, time
+import csv, json, os, platform, resource, shutil, statistics, subprocess, time
 from pathlib import Path
 from typing import Sequence
 import torch
@@ -29,6 +29,12 @@ def machine_name(device: torch.device) -> str:
     return (f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads "
             f"(torch {torch.__version__})")
 
+def _counts(minimum: int, **counts) -> None:
+    "A ValueError naming the first count that is not an integer of at least `minimum` (checked before any work)."
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} must be an integer of at least {minimum}, got {v!r}")
+
 def bench_scene(n: int, device: torch.device, seed: int = 0) -> torch.nn.ParameterDict:
     "n random Gaussians in a ball of radius 1 with SH degree 3 (a head-sized scene seen from 2.7 units)."
     seed_everything(seed)
@@ -47,7 +53,15 @@ def bench_render(ns: Sequence[int] = (10_000, 100_000, 300_000),  # scene sizes
                 ) -> list[dict]:
     "Print and return forward / forward+backward ms, FPS and peak memory per backend and scene size."
     dev = get_device(device)
+    if not len(ns): raise ValueError("ns: give at least one scene size")
+    for n in ns: _counts(1, ns=n)
+    _counts(1, size=size, repeats=repeats)
+    _counts(0, warmup=warmup)
     if backends is None: backends = ["torch"] + (["gsplat"] if dev.type == "cuda" and gsplat_available() else [])
+    for be in backends:
+        if be not in ("torch", "gsplat"): raise ValueError(f"unknown backend {be!r}: use torch or gsplat")
+        if be == "gsplat" and not (dev.type == "cuda" and gsplat_available()):
+            raise ValueError("backend gsplat needs a CUDA device and the gsplat package; use torch here")
     vm = look_at(torch.tensor([0.0, 0.0, -2.7]), torch.zeros(3))[None].to(dev)
     K = intrinsics_from_fov(45, size, size, device=dev)[None]
     print(f"rasteriser benchmark on {machine_name(dev)}, {size}x{size}, SH degree 3, median of {repeats}")
@@ -81,6 +95,8 @@ def bench_render(ns: Sequence[int] = (10_000, 100_000, 300_000),  # scene sizes
 # %% ../nbs/90_bench.ipynb #02941c4a
 def bench_train(data: str | Path, device: str = "auto", iters: int = 300, warmup: int = 50) -> dict:
     "Training iterations per second of the static, motion (face, mouth) and fused stages."
+    _counts(2, iters=iters)                        # a rate needs two timed steps
+    _counts(0, warmup=warmup)
     dev = get_device(device)
     store = FrameStore(data, dev, progress=False)
     head = head_from_store(store)
@@ -120,6 +136,8 @@ def bench_infer(run: str | Path, device: str = "auto",
                 warmup: int = 20,         # untimed frames first (graph capture, cuDNN choices)
                ) -> dict:
     "ms and FPS, audio window to fused frame over the torso layer (batch 1, no file I/O), reference and fast renderers."
+    _counts(1, frames=frames, repeats=repeats)
+    _counts(0, warmup=warmup)
     head, data, _ = load_run(run, device)
     store = model_store(head, data)
     dev, bg = head.device, store.frame(0)["torso_bg"]
@@ -202,10 +220,40 @@ def bench_report(data: str | Path,                 # a preprocessed clip (traine
                  cfg: TrainConfig | None = None,   # train with this instead of the preset (the tests' CPU settings)
                 ) -> dict:
     "Preprocessing, training and inference speed on this machine, written to out/bench.json and returned."
-    from talkinggs.bookkeeping import atomic_write_text, versions
-    from talkinggs import train as train_mod
+    from talkinggs.bookkeeping import atomic_write_text, Interrupted, sigterm_as_interrupt
+    from talkinggs.train_config import preset_iterations
     out, data, dev = Path(out), Path(data), get_device(device)
+    # every argument is checked before anything is made: a refused report leaves no folder behind
+    _counts(1, frames=frames, repeats=repeats)
+    if train and cfg is None: preset_iterations(preset, 1)                  # an unknown preset: refused now
+    if video is not None:
+        if not Path(video).is_file(): raise FileNotFoundError(f"video {video} not found")
+        if data.exists():                                   # preprocessing makes this folder: it must be new
+            raise FileExistsError(f"{data} exists, and the video is preprocessed into a new folder: give another "
+                                  f"data folder (--path), or leave out the video to time training on {data}")
+    elif not (data / "meta.json").is_file():
+        raise FileNotFoundError(f"{data} is not a preprocessed clip (no meta.json); run `talkinggs preprocess` first")
+    if train and (out / "run").exists():                   # the benchmark times a whole training from the start
+        raise FileExistsError(f"{out / 'run'} exists (an earlier report?): the benchmark trains a new run; "
+                              f"give another output folder (--out), or delete {out / 'run'}")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with sigterm_as_interrupt(): rep = _report(data, out, video, train, preset, dev, frames, repeats, seed, cfg)
+    except BaseException as e:
+        stopped = isinstance(e, (KeyboardInterrupt, Interrupted))
+        if stopped: shutil.rmtree(out / "run", ignore_errors=True)   # a half-trained run: the next report refuses it
+        if made and out.is_dir() and not any(out.iterdir()): out.rmdir()       # no empty folder left behind
+        if stopped: raise Interrupted(f"bench report interrupted; no partial run is left in {out}") from None
+        raise
+    atomic_write_text(json.dumps(rep, indent=1), out / "bench.json")
+    return rep
+
+def _report(data: Path, out: Path, video: str | Path | None, train: bool, preset: str, dev: torch.device,
+            frames: int, repeats: int, seed: int, cfg: TrainConfig | None) -> dict:
+    "The measurements of `bench_report` (its arguments checked), as the dict bench.json holds."
+    from talkinggs.bookkeeping import versions
+    from talkinggs import train as train_mod
     rep = dict(machine=machine_name(dev), cpu_count=os.cpu_count(),
                versions=versions("gsplat") | dict(commit=checkout_commit()),
                time=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -229,5 +277,4 @@ def bench_report(data: str | Path,                 # a preprocessed clip (traine
         print(f"train ({preset}): {rep['train']['wall_s']:.0f} s; " +
               ", ".join(f"{k} {v['its']:.0f} it/s" for k, v in rep["train"]["stages"].items()))
         rep["infer"] = bench_infer(run, dev, frames, repeats)
-    atomic_write_text(json.dumps(rep, indent=1), out / "bench.json")
     return rep

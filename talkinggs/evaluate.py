@@ -19,7 +19,7 @@ from .pose_refine import refine_cameras
 from .metrics import (
     psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
     region_masks, region_psnr, REGIONS,
-    mouth_landmarks, lmd, mouth_opening, pearson, spread_share, audio_energy, summarize)
+    mouth_landmarks, lmd, mouth_opening, pearson, correlation, spread_share, audio_energy, summarize)
 from .landmarks import MOUTH_IDX
 from .synthesize import load_run, Renderer, audio_features, drive_track, driven_frames
 
@@ -219,18 +219,32 @@ def lip_spread(frames: str | Path,           # a folder of `render_frames`
                 novel_open_share=spread_share(rendered, real), frames=int(info["frames"]))
 
 # %% ../nbs/32_evaluate.ipynb #0d398434
-def mouth_audio_sync(video: str | Path, audio: str | Path | None = None,  # video file; audio file (default: its own)
-                     size: int = 512, max_frames: int | None = None) -> dict:
+def mouth_audio_sync(video: str | Path,                # any talking-head video: a render, or a real one (no run needed)
+                     audio: str | Path | None = None,  # audio file to correlate with (default: the video's own)
+                     size: int = 512,                  # frames are resized to size² for FaceMesh
+                     max_frames: int | None = None,    # only the first frames (None: all)
+                     min_frames: int = 25,             # fewer frames with a face: no correlation (1 s at 25 fps)
+                     silence: float = 1e-4,            # RMS (full scale 1) below which the whole track counts as silent
+                    ) -> dict:                         # frames, corr (None where undefined, corr_note says why), ...
     "Correlation of FaceMesh inner-lip opening with audio RMS energy per frame, for any talking-head video."
-    from talkinggs.video import iter_frames, probe_video
+    from talkinggs.video import VideoError, iter_frames, probe_video
+    if max_frames is not None and max_frames < 1: raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if min_frames < 3:
+        raise ValueError(f"min_frames must be at least 3 (2 frames always correlate ±1), got {min_frames}")
     info = probe_video(video)
     frames = []
     for k, f in enumerate(iter_frames(video, info.fps, size=size)):
         if max_frames is not None and k >= max_frames: break
         frames.append(f)
+    if not frames: raise VideoError(f"{Path(video).name}: no frames could be decoded")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lms = mouth_landmarks(np.stack(frames), idx=None)
     op = mouth_opening(lms)
     en = audio_energy(str(audio or video), 16000, info.fps, len(frames))
-    return dict(frames=len(frames), corr=pearson(op, en), faces_found=float((~np.isnan(lms[:, 0, 0])).mean()))
+    found = ~np.isnan(lms[:, 0, 0])
+    if not found.any(): corr, note = None, "no face found"
+    elif float(en.max()) < silence: corr, note = None, "the audio is silent"
+    else: corr, note = correlation(op, en, ("the lip opening", "the audio energy"), min_frames)
+    # strict JSON: no NaN anywhere (corr is null and corr_note says why when it cannot be computed)
+    return dict(frames=len(frames), corr=corr, faces_found=float(found.mean()), corr_note=note)

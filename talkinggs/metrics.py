@@ -17,8 +17,9 @@ from .landmarks import (INNER_LIP, OUTER_LIP, MOUTH_IDX, RIGHT_EYE, LEFT_EYE,
 
 # %% auto #0
 __all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'error_colors',
-           'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'spread_share', 'audio_energy',
-           'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize', 'metrics_table']
+           'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'correlation', 'spread_share',
+           'audio_energy', 'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize',
+           'metrics_table']
 
 # %% ../nbs/18_metrics.ipynb #21d2070d
 def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0, 1] (or uint8 numpy)
@@ -203,6 +204,20 @@ def pearson(a: np.ndarray,  # [N] first signal
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0: return float("nan")  # undefined: too short or constant
     x, y = x - x.mean(), y - y.mean()
     return float(np.clip((x * y).sum() / math.sqrt(float((x * x).sum() * (y * y).sum())), -1, 1))
+
+def correlation(a: np.ndarray,            # [N] first signal
+                b: np.ndarray,            # [N] second signal
+                names: tuple[str, str] = ("the first signal", "the second signal"),   # for the reasons
+                min_pairs: int = 3,       # fewer finite pairs: too few to say anything (2 points always give ±1)
+               ) -> tuple[float | None, str | None]:   # (r, None), or (None, why it cannot be computed)
+    "`pearson` for reports (strict JSON has no NaN): the correlation, or None with the reason it is undefined."
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
+    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
+    if ok.sum() < min_pairs: return None, f"too few frames ({int(ok.sum())} usable, need {min_pairs})"
+    for name, v in zip(names, (x[ok], y[ok])):
+        if np.ptp(v) == 0: return None, f"{name} is constant"
+    return pearson(x, y), None
 
 def spread_share(pred: np.ndarray,  # [N] a rendered signal (e.g. lip opening per frame)
                  real: np.ndarray,  # [N'] the real one it should match (any length)

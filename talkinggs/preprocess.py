@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_preprocess.ipynb #b715bdd1
 from __future__ import annotations
-import collections, json, os, pickle, shutil, subprocess, sys, time, warnings
+import collections, errno, io, json, os, pickle, shutil, subprocess, sys, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .landmarks import FaceMesh, interpolate_missing
 from .video import (probe_video, check_header, check_faces, check_scan_quality, scan_faces, crop_box, iter_frames,
-                             load_audio)
+                             load_audio, crop_padding, writing, WriteError)
 from .head_pose import PoseConfig, fit_head_pose
 from .masks import PersonSegmenter, frame_labels, background_plate, split_labels, MOUTH
 from .features import action_signals, audio_windows, align_length, lip_gap
@@ -49,6 +49,26 @@ class PreprocessConfig:
 # %% ../nbs/16_preprocess.ipynb #27db9d0d
 _HELPER = "from talkinggs.preprocess import _tail_worker\n_tail_worker()"   # the helper process's program
 
+def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> None:
+    "`cv2.imwrite` that cannot fail silently (it returns False on a full disk): a `WriteError` naming the file."
+    ok, buf = cv2.imencode(path.suffix, img, params or [])
+    if not ok: raise WriteError(path, f"OpenCV could not encode a {img.shape} image")
+    with writing(path): path.write_bytes(buf.tobytes())
+
+def _reserve(path: Path) -> None:
+    "Allocate a sparse file's blocks now: a full disk is a `WriteError` here, not a crash (SIGBUS) in a memmap write."
+    if not hasattr(os, "posix_fallocate"): return        # not on every system: the memmap works without it
+    with writing(path), open(path, "r+b") as f:
+        try: os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP): raise   # else a file system without it: go on
+
+def _save(path: Path, save, *args, **kw) -> None:
+    "`save(file, *args, **kw)` (np.save, np.savez, wavfile.write) into memory, then one checked write of `path`."
+    buf = io.BytesIO()                 # np.save to a path writes through C: a full disk gives no errno, only a count
+    save(buf, *args, **kw)
+    with writing(path): path.write_bytes(buf.getbuffer())
+
 def _tail(tmp: str | Path,         # the temporary output folder
           lms: np.ndarray,         # [N, 478, 3] landmarks in pixels, missing frames filled
           found: np.ndarray,       # [N] bool, frames with measured landmarks
@@ -60,15 +80,16 @@ def _tail(tmp: str | Path,         # the temporary output folder
     from scipy.io import wavfile
     tmp, cfg, S = Path(tmp), PreprocessConfig(**cfg), cfg["size"]
     pose = fit_head_pose(lms, found, S, S, PoseConfig(iters=cfg.pose_iters, smooth=cfg.pose_smooth), progress=progress)
-    np.savez(tmp / "cameras.npz", viewmats=pose["viewmats"], Ks=pose["Ks"], shape=pose["shape"],
-             focal=pose["focal"], rms_px=pose["rms_px"], per_frame_rms=pose["per_frame_rms"])
+    _save(tmp / "cameras.npz", np.savez, viewmats=pose["viewmats"], Ks=pose["Ks"], shape=pose["shape"],
+          focal=pose["focal"], rms_px=pose["rms_px"], per_frame_rms=pose["per_frame_rms"])
     sig = action_signals(lms, cfg.fps)
-    np.savez(tmp / "actions.npz", **sig)
+    _save(tmp / "actions.npz", np.savez, **sig)
     pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)                      # [S] what audio.wav holds
-    wavfile.write(tmp / "audio.wav", cfg.sr, pcm)
-    np.save(tmp / "audio_feats.npy", audio_windows(wav, len(lms), cfg.sr, cfg.fps, cfg.audio_kind, cfg.audio_dim))
+    _save(tmp / "audio.wav", wavfile.write, cfg.sr, pcm)
+    feats = audio_windows(wav, len(lms), cfg.sr, cfg.fps, cfg.audio_kind, cfg.audio_dim)
+    _save(tmp / "audio_feats.npy", np.save, feats)
     if phones_missing() is None:   # from the samples of audio.wav, so that phones made from that file later agree
-        np.save(tmp / "phones.npy", phone_windows(pcm.astype(np.float32) / 32767, len(lms), cfg.sr, cfg.fps))
+        _save(tmp / "phones.npy", np.save, phone_windows(pcm.astype(np.float32) / 32767, len(lms), cfg.sr, cfg.fps))
     return dict(rms_px=pose["rms_px"], focal=pose["focal"], blinks=sig["blinks"].tolist())
 
 def _tail_worker() -> None:
@@ -145,6 +166,12 @@ def preprocess(video: str | Path,                # input video (any container/co
         check_scan_quality(scan, video.name)                                            # a second face; a dark clip
         check_faces(scan.found, scan.sizes, video.name, cfg.min_face_fraction, cfg.min_face_px)
         box = crop_box(scan, info.width, info.height, cfg.crop_scale)
+        beyond = crop_padding(box, info.width, info.height)        # a portrait clip filmed close: black past its sides
+        if any(beyond):
+            face = np.percentile(scan.sizes[scan.found], 95)
+            warnings.warn(f"{video.name}: the {info.width}x{info.height} frame is too narrow for the crop: the face is "
+                          f"{face:.0f} px, the crop {box[2]} px ({cfg.crop_scale:g} x the face) and its parts past the "
+                          f"frame's edges (left, top, right, bottom: {', '.join(map(str, beyond))} px) are black")
         times["scan"] = time.perf_counter() - t0
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         if tmp.exists(): shutil.rmtree(tmp)
@@ -153,14 +180,16 @@ def preprocess(video: str | Path,                # input video (any container/co
             (tmp / "masks").mkdir()
             n_max, S = len(scan.found) + 2, cfg.size
             # packed bits, on disk
-            person = np.lib.format.open_memmap(tmp / "person.npy", "w+", np.uint8, (n_max, S, S // 8))
+            with writing(tmp / "person.npy"):
+                person = np.lib.format.open_memmap(tmp / "person.npy", "w+", np.uint8, (n_max, S, S // 8))
+            _reserve(tmp / "person.npy")
             plate_at = set(np.linspace(0, len(scan.found) - 1, cfg.plate_frames).round().astype(int).tolist())
             lms, plate_imgs = [], []
             # img: [S, S, 3] uint8 RGB; person bits and JPEG of frame i, on a second thread
             def seg_and_jpeg(i: int, img: np.ndarray):
                 person[i] = np.packbits(seg(img) > cfg.person_threshold, axis=1)
-                ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
-                buf.tofile(tmp / "frames" / f"{i:06d}.jpg")
+                jpeg = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
+                _imwrite(tmp / "frames" / f"{i:06d}.jpg", img[..., ::-1], jpeg)
             with FaceMesh() as fm, PersonSegmenter() as seg, ThreadPoolExecutor(1) as pool:
                 pending = collections.deque()                    # frames in flight on the second thread
                 for i, img in enumerate(tqdm(iter_frames(video, cfg.fps, crop=box, size=S), total=len(scan.found),
@@ -181,8 +210,8 @@ def preprocess(video: str | Path,                # input video (any container/co
             times["frames"] = time.perf_counter() - t0
             spf = int(round(cfg.sr / cfg.fps))                                                   # samples per frame
             wav = align_length(wav, n * spf, unit=spf, what="audio")
-            np.save(tmp / "landmarks.npy", lms)
-            np.save(tmp / "found.npy", found)
+            _save(tmp / "landmarks.npy", np.save, lms)
+            _save(tmp / "found.npy", np.save, found)
 
             args = (str(tmp), lms, found, wav, asdict(cfg))
             # step 5 in the helper process while this one draws the masks
@@ -192,13 +221,13 @@ def preprocess(video: str | Path,                # input video (any container/co
                 plate_labs = []
                 for i in tqdm(range(n), desc="masks", disable=not progress):
                     lab = frame_labels(lms[i], np.unpackbits(person[i], axis=1, count=S).astype(bool))
-                    cv2.imwrite(str(tmp / "masks" / f"{i:06d}.png"), lab)
+                    _imwrite(tmp / "masks" / f"{i:06d}.png", lab)
                     mouth_area[i] = (lab == MOUTH).mean()
                     if i in plate_at: plate_labs.append(lab)
                 del person
                 (tmp / "person.npy").unlink()
                 plate = background_plate(np.stack(plate_imgs), np.stack(plate_labs))
-                cv2.imwrite(str(tmp / "background.png"), plate[..., ::-1])
+                _imwrite(tmp / "background.png", plate[..., ::-1])
                 times["masks"] = time.perf_counter() - t0
                 res = _helper_answer(proc, sent.result()[0]) if proc else None
                 if res is None:   # no helper process: step 5 here, after the masks
@@ -217,7 +246,7 @@ def preprocess(video: str | Path,                # input video (any container/co
                         mouth_area_vs_lip_gap_pearson=float(np.corrcoef(mouth_area, gap)[0, 1]),
                         blinks=res["blinks"], av_offset=av, seconds=times,
                         versions=versions("mediapipe", "librosa", "opencv", "ffmpeg"), config=asdict(cfg))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            with writing(tmp / "meta.json"): (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if res["rms_px"] > cfg.max_rms_px:   # the head-pose fit does not explain the landmarks
                 warnings.warn(f"{video.name}: head-pose reprojection RMS {res['rms_px']:.2f} px "
                               f"(above {cfg.max_rms_px:g} px): "
@@ -231,8 +260,10 @@ def preprocess(video: str | Path,                # input video (any container/co
                               f"align_audio=true to re-align it")
             if out.exists(): shutil.rmtree(out)
             os.replace(tmp, out)                                         # the only step that creates `out`
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, WriteError) and Path(e.path).is_relative_to(tmp):   # named as the file would have been
+                raise WriteError(out / Path(e.path).relative_to(tmp), e.cause, e.errno) from None
             raise
         return out
     finally:

@@ -15,7 +15,7 @@ from .core import get_device, camera_centers
 from .gaussians import activate, sh_to_color, sh_degree_of
 from .rasterize import rasterize, gsplat_available
 from .bookkeeping import sigterm_as_interrupt
-from .video import mirrored_loop, VideoWriter
+from .video import mirrored_loop, VideoWriter, check_writable, writing
 from .clip import FrameStore, audio_inputs
 from .model import METHODS, TalkingHead, load_head, model_store
 from .torso import Torso, load_torso
@@ -235,6 +235,9 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
     if not Path(out).parent.is_dir():
         raise FileNotFoundError(f"folder {Path(out).parent} does not exist (for {out})")
+    if max_frames is not None and max_frames < 1: raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    check_writable(out)                                  # a read-only folder: said now, not after loading and rendering
+    get_device(device)                                   # an unknown or missing device: said before any loading
     head, data, _ = load_run(run, device, data)
     torso = torso_layer(run, head) if background == "model" else None
     store = model_store(head, data, progress)
@@ -247,14 +250,15 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
     n = len(feats) if max_frames is None else min(len(feats), max_frames)
     track = track[:n]
     tmp_wav = None
-    if audio_path is None:                                                     # write the decoded audio for muxing
-        from scipy.io import wavfile
-        tmp_wav = Path(out).with_name(f".{Path(out).stem}.audio.wav")
-        wavfile.write(tmp_wav, store.meta["sample_rate"], (np.clip(wav, -1, 1) * 32767).astype(np.int16))
-        audio_path = tmp_wav
-    frames = driven_frames(head, store, feats, track, background, torso)
-    t0 = time.time()
     try:
+        if audio_path is None:                                                 # write the decoded audio for muxing
+            from scipy.io import wavfile
+            tmp_wav = Path(out).with_name(f".{Path(out).stem}.audio.wav")
+            pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)
+            with writing(out): wavfile.write(tmp_wav, store.meta["sample_rate"], pcm)   # a full disk names `out`
+            audio_path = tmp_wav
+        frames = driven_frames(head, store, feats, track, background, torso)
+        t0 = time.time()
         with sigterm_as_interrupt(), VideoWriter(out, fps=store.meta["fps"], audio=audio_path) as w:
             for t, o in enumerate(tqdm(frames, total=n, desc="render", disable=not progress)):
                 w.write(o["image"])

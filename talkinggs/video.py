@@ -4,8 +4,9 @@
 
 # %% ../nbs/12_video.ipynb #90c11b34
 from __future__ import annotations
-import os, secrets, subprocess, warnings
+import contextlib, errno, os, re, secrets, subprocess, tempfile, warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -16,9 +17,9 @@ from .core import to_uint8
 from .landmarks import FaceMesh, face_boxes
 
 # %% auto #0
-__all__ = ['VideoError', 'VideoInfo', 'ffmpeg_exe', 'probe_video', 'iter_frames', 'load_audio', 'frame_ranges', 'check_header',
-           'check_faces', 'FaceScan', 'scan_faces', 'check_scan_quality', 'crop_box', 'VideoWriter', 'write_video',
-           'mirrored_loop']
+__all__ = ['VideoError', 'VideoInfo', 'ffmpeg_exe', 'probe_video', 'crop_padding', 'iter_frames', 'load_audio', 'frame_ranges',
+           'check_header', 'check_faces', 'FaceScan', 'scan_faces', 'check_scan_quality', 'crop_box', 'WriteError',
+           'write_cause', 'writing', 'check_writable', 'VideoWriter', 'write_video', 'mirrored_loop']
 
 # %% ../nbs/12_video.ipynb #48194dfa
 class VideoError(ValueError):
@@ -27,8 +28,8 @@ class VideoError(ValueError):
 @dataclass
 class VideoInfo:
     path: str                 # the file
-    width: int                # source frame width in pixels
-    height: int               # source frame height in pixels
+    width: int                # frame width in pixels, as decoded (a phone's rotation metadata applied)
+    height: int               # frame height in pixels, as decoded
     fps: float                # source frame rate
     duration: float           # seconds, from the container header
     codec: str                # video codec name
@@ -45,13 +46,12 @@ def _last_line(err: Exception) -> str:
 
 def _streams(path: Path) -> set[str]:
     "The kinds of stream ffmpeg lists for a file ('Video', 'Audio', ...), from `ffmpeg -i` (empty when it cannot say)."
-    import re
     r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)],
                        capture_output=True, text=True, errors="replace")
     return set(re.findall(r"Stream #\S+.*?: (Video|Audio|Subtitle|Data):", r.stderr))
 
 def probe_video(path: str | Path) -> VideoInfo:
-    "Header facts of a video; `VideoError` when ffmpeg cannot open it."
+    "Header facts of a video, sizes as displayed (rotation metadata applied); `VideoError` when ffmpeg cannot open it."
     import imageio_ffmpeg
     path = Path(path)
     if not path.is_file(): raise VideoError(f"{path}: no such file")
@@ -63,20 +63,35 @@ def probe_video(path: str | Path) -> VideoInfo:
                              "(an audio-only file; give it with --audio beside a video)") from None
         raise VideoError(f"{path.name}: unreadable video ({_last_line(e)})") from None
     finally: gen.close()
-    w, h = meta["source_size"]
+    w, h = meta["size"]               # as decoded: ffmpeg turns a phone's rotated frames upright (not source_size)
     return VideoInfo(str(path), int(w), int(h), float(meta["fps"]), float(meta["duration"]),
                      str(meta.get("codec")), meta.get("audio_codec"))
 
 # %% ../nbs/12_video.ipynb #c96237e8
+def crop_padding(box: tuple[int, int, int],  # (x0, y0, side) square crop in source pixels
+                 width: int, height: int,     # the frame's size
+                ) -> tuple[int, int, int, int]:  # (left, top, right, bottom) pixels the crop reaches past the frame
+    "How far a square crop reaches past each edge of the frame (all 0: it lies inside)."
+    x0, y0, side = box
+    return max(0, -x0), max(0, -y0), max(0, x0 + side - width), max(0, y0 + side - height)
+
 def iter_frames(path: str | Path,
                 fps: float = 25.0,                             # output frame rate
-                crop: tuple[int, int, int] | None = None,      # (x0, y0, side) square crop in source pixels
+                # (x0, y0, side) square crop in source pixels; past the frame's edges it is black
+                crop: tuple[int, int, int] | None = None,
                 size: int | tuple[int, int] | None = None,     # output side (square) or (width, height)
                ) -> Iterator[np.ndarray]:                      # yields [H, W, 3] uint8 RGB
     "Decode frames resampled to `fps`, optionally cropped and resized by ffmpeg."
     import imageio_ffmpeg
     vf = [f"fps={fps}"]
-    if crop is not None: vf.append(f"crop={crop[2]}:{crop[2]}:{crop[0]}:{crop[1]}")
+    if crop is not None:
+        x0, y0, side = crop
+        info = probe_video(path)
+        left, top, right, bottom = crop_padding(crop, info.width, info.height)
+        if left or top or right or bottom:   # a frame narrower than the crop: black past its edges (RGB: exact)
+            vf.append(f"format=rgb24,pad={info.width + left + right}:{info.height + top + bottom}:{left}:{top}")
+            x0, y0 = x0 + left, y0 + top
+        vf.append(f"crop={side}:{side}:{x0}:{y0}")
     if size is not None:
         w, h = (size, size) if isinstance(size, int) else size
         vf.append(f"scale={w}:{h}:flags=lanczos")
@@ -118,7 +133,9 @@ def check_header(info: VideoInfo,
     "Refuse clips that are too short or have no audio (before any decoding)."
     name = Path(info.path).name
     if info.duration < min_duration:
-        raise VideoError(f"{name}: clip is {info.duration:.1f} s long; need at least {min_duration:g} s")
+        # hundredths rounded down (3.96 s, or 3.999 s, never reads as the 4 s it lacks), at least one decimal: 3.0
+        shown = f"{np.floor(info.duration * 100 + 1e-9) / 100:.2f}".removesuffix("0")
+        raise VideoError(f"{name}: clip is {shown} s long; need at least {min_duration:g} s")
     if info.audio_codec is None and not has_audio_file:
         raise VideoError(f"{name}: video has no audio track; pass one with --audio FILE")
 
@@ -195,21 +212,63 @@ def check_scan_quality(scan: FaceScan, name: str = "video",
 def crop_box(scan: FaceScan, width: int, height: int,
              crop_scale: float = 1.65,   # crop side / face size
             ) -> tuple[int, int, int]:   # (x0, y0, side) in source pixels
-    "One square crop for the whole clip around the tracked face, inside the frame."
+    "One square crop for the whole clip around the tracked face: inside the frame, unless the face is wider than it."
     b = scan.boxes[scan.found]
-    side = int(min(width, height, round(crop_scale * np.percentile(scan.sizes[scan.found], 95))))
+    face = float(np.percentile(scan.sizes[scan.found], 95))
+    # a face wider than the frame (portrait, filmed close): not cut, the crop reaches past the sides (black there)
+    limit = min(width, height) if min(width, height) >= face else max(width, height)
+    side = int(min(limit, round(crop_scale * face)))
     side -= side % 2
     cx, cy = np.median((b[:, 0] + b[:, 2]) / 2), np.median((b[:, 1] + b[:, 3]) / 2)
-    x0 = int(np.clip(round(cx - side / 2), 0, width - side))
-    y0 = int(np.clip(round(cy - side / 2), 0, height - side))
+    x0 = int(np.clip(round(cx - side / 2), 0, width - side)) if side <= width else int(round(cx - side / 2))
+    y0 = int(np.clip(round(cy - side / 2), 0, height - side)) if side <= height else int(round(cy - side / 2))
     return x0, y0, side
 
 # %% ../nbs/12_video.ipynb #9386568d
-class _Abort(BaseException):
-    "Thrown into imageio-ffmpeg's writer generator: makes it kill ffmpeg instead of waiting for it."
+class WriteError(OSError):
+    "A file could not be written (disk full, no permission, read-only disk): one line naming the file and the cause."
+    def __init__(self, path: str | Path, cause: str, code: int | None = None):  # code: the errno, when known
+        super().__init__(f"{cause} while writing {path}")
+        self.path, self.cause, self.errno = str(path), cause, code
+
+    def __reduce__(self): return type(self), (self.path, self.cause, self.errno)   # crosses process boundaries
+
+_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+           errno.EACCES: "no permission", errno.EPERM: "no permission", errno.EFBIG: "file too large"}
+
+def write_cause(e: BaseException | str,   # the OSError, or ffmpeg's log text
+               ) -> tuple[str, int | None]:   # (words, errno or None)
+    "Why a write failed, in words: from the errno, or from the C library's message in ffmpeg's log."
+    if isinstance(e, OSError) and e.errno in _CAUSES: return _CAUSES[e.errno], e.errno
+    text = str(e)
+    for code, words in _CAUSES.items():
+        if os.strerror(code) in text: return words, code                   # ffmpeg's log quotes the C library
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", l.strip()) for l in text.splitlines() if l.strip()]   # ffmpeg's [tags]
+    return (lines[-1] if lines else type(e).__name__), getattr(e, "errno", None)
+
+@contextlib.contextmanager
+def writing(path: str | Path):   # the file being written (named in the error)
+    "Inside: an OSError becomes a `WriteError` that names `path` and the cause (e.g. 'disk full while writing ...')."
+    try: yield
+    except WriteError: raise
+    except OSError as e: raise WriteError(path, *write_cause(e)) from None
+
+def check_writable(path: str | Path) -> None:
+    "`WriteError` now when `path`'s folder takes no new file (read-only, no permission), before any work is done."
+    probe = Path(path).with_name(f".{Path(path).name}.{os.getpid()}-{secrets.token_hex(4)}.probe")
+    with writing(path):
+        probe.touch(exist_ok=False)
+        probe.unlink()
+
+def _count_frames(path: Path) -> int | None:
+    "Video frames in a file, from its packets (no decoding); None when ffmpeg cannot read it."
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+                        "-f", "null", "-"], capture_output=True, text=True, errors="replace")
+    counts = re.findall(r"frame=\s*(\d+)", r.stderr)
+    return int(counts[-1]) if r.returncode == 0 and counts else None
 
 class VideoWriter:
-    "Context manager writing RGB frames to an H.264 mp4 (with optional audio) that appears only on a clean exit."
+    "Context manager writing RGB frames to an H.264 mp4 (with optional audio), in place only on a checked clean exit."
     def __init__(self,
                  path: str | Path,                 # target file (.mp4)
                  fps: float = 25.0,                # frame rate
@@ -229,22 +288,40 @@ class VideoWriter:
         if not self.path.parent.is_dir(): raise FileNotFoundError(f"folder {self.path.parent} does not exist")
         self.size: tuple[int, int] | None = None   # (width, height) of the frames, set by the first frame
         self.n_frames = 0
-        self._gen, self._tmp = None, None
+        self._proc, self._log, self._tmp = None, None, None
 
     def __enter__(self) -> "VideoWriter":
-        suffix = self.path.suffix or ".mp4"
-        self._tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}-{secrets.token_hex(4)}.part{suffix}")
+        part = f".{self.path.stem}.{os.getpid()}-{secrets.token_hex(4)}.part{self.path.suffix or '.mp4'}"
+        tmp = self.path.with_name(part)
+        with writing(self.path): tmp.touch(exist_ok=False)        # a read-only folder fails here, before any frame
+        self._tmp = tmp
         return self
 
     def _start(self, w: int, h: int):
-        import imageio_ffmpeg
-        out = ["-movflags", "+faststart"] + (["-shortest"] if self.audio is not None else [])
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self._tmp), (w + w % 2, h + h % 2), fps=self.fps, codec=self.codec, quality=self.quality,
-            pix_fmt_in="rgb24", pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
-            output_params=out, audio_path=None if self.audio is None else str(self.audio),
-            audio_codec=None if self.audio is None else "aac")
-        self._gen.send(None)                                               # start ffmpeg
+        "Start ffmpeg: raw RGB frames of w x h pixels on stdin, H.264 (and AAC) out, as imageio-ffmpeg would run it."
+        cmd = [ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w + w % 2}x{h + h % 2}",
+               "-pix_fmt", "rgb24", "-r", str(Fraction(self.fps).limit_denominator()), "-i", "-"]
+        cmd += ["-an"] if self.audio is None else ["-i", str(self.audio)]
+        cmd += ["-vcodec", self.codec, "-pix_fmt", "yuv420p"]
+        if self.quality is not None:                               # imageio-ffmpeg's scale: 10 is the best
+            q = 1 - self.quality / 10
+            cmd += ["-crf", str(int(q * 51))] if self.codec == "libx264" else ["-qscale:v", str(int(q * 30) + 1)]
+        cmd += ["-v", "error", "-movflags", "+faststart"]
+        if self.audio is not None: cmd += ["-shortest", "-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0"]
+        self._log = tempfile.TemporaryFile()                      # ffmpeg's messages: the cause, if it fails
+        # its own session: Ctrl-C in a terminal reaches this process only, which then stops ffmpeg itself
+        self._proc = subprocess.Popen(cmd + [str(self._tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=self._log, start_new_session=True)
+
+    def _failed(self, proc: subprocess.Popen) -> WriteError:
+        "The error for an ffmpeg that stopped: its cause from its log (it is waited for a moment to write it)."
+        with contextlib.suppress(subprocess.TimeoutExpired): proc.wait(timeout=10)
+        self._log.seek(0)
+        said = self._log.read().decode(errors="replace")
+        if said.strip(): return WriteError(self.path, *write_cause(said))
+        # no complaint and exit code 0: -shortest, the sound ended and so did the video
+        return WriteError(self.path, "the audio is shorter than the video" if proc.returncode == 0 else
+                          f"ffmpeg stopped (exit code {proc.returncode})")
 
     def write(self, frame: torch.Tensor | np.ndarray,  # [H, W, 3] uint8, or float in [0, 1] (torch or numpy)
              ) -> None:
@@ -262,31 +339,42 @@ class VideoWriter:
         elif (w, h) != self.size:
             raise ValueError(f"frame {self.n_frames} is {w}x{h}, earlier frames are {self.size[0]}x{self.size[1]}")
         if w % 2 or h % 2: img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        try: self._gen.send(np.ascontiguousarray(img))
-        except OSError as e:
-            raise RuntimeError(f"ffmpeg stopped while writing {self.path.name}: {str(e).splitlines()[0]}") from None
+        try: self._proc.stdin.write(np.ascontiguousarray(img))
+        except OSError: raise self._failed(self._proc) from None            # ffmpeg stopped: a broken pipe
         self.n_frames += 1
 
+    def _finish(self) -> None:
+        "Let ffmpeg finish the file; `WriteError` unless it exits cleanly and the file reads back with every frame."
+        proc = self._proc
+        # ffmpeg finishes the file (an OSError: it had stopped, and its exit code says why)
+        with contextlib.suppress(OSError): proc.stdin.close()
+        proc.wait()
+        if proc.returncode != 0: raise self._failed(proc)
+        n = _count_frames(self._tmp)
+        if n is None: raise WriteError(self.path, "the written file cannot be read back")
+        if n != self.n_frames:
+            why = " (the audio is shorter than the video)" if self.audio is not None and n < self.n_frames else ""
+            raise WriteError(self.path, f"the written file holds {n} of {self.n_frames} frames{why}")
+
     def _abort(self):
-        gen, self._gen = self._gen, None
-        if gen is None: return
-        try: gen.throw(_Abort())                                           # kills ffmpeg, does not wait
-        except (_Abort, StopIteration): pass
+        "Stop ffmpeg at once (no waiting for it to finish the file)."
+        proc, self._proc = self._proc, None
+        if proc is None: return
+        if proc.poll() is None: proc.kill()
+        proc.wait()
+        with contextlib.suppress(OSError): proc.stdin.close()
 
     def __exit__(self, typ, exc, tb) -> bool:
         try:
-            if typ is not None: self._abort()
-            else:
-                if self._gen is None: raise ValueError(f"{self.path.name}: no frames were written")
-                gen, self._gen = self._gen, None
-                gen.close()                                                # ffmpeg finishes the file
-                if not self._tmp.is_file() or self._tmp.stat().st_size == 0:
-                    raise RuntimeError(f"ffmpeg produced no output for {self.path.name}")
-                os.replace(self._tmp, self.path)
+            if typ is None:
+                if self._proc is None: raise ValueError(f"{self.path.name}: no frames were written")
+                self._finish()
+                with writing(self.path): os.replace(self._tmp, self.path)
         finally:
             self._abort()
+            if self._log is not None: self._log.close()
             if self._tmp is not None and self._tmp.exists(): self._tmp.unlink()
-            self._tmp = None
+            self._tmp, self._log = None, None
         return False
 
 def write_video(frames: Iterable[torch.Tensor | np.ndarray],  # [N, H, W, 3] or an iterable of [H, W, 3] frames
