@@ -78,6 +78,7 @@ def preprocess_cli(video: Param("input talking-head video, or the name of a samp
             cfg = PreprocessConfig(size=size)
             p = preprocess(video, out, audio=audio, cfg=cfg, overwrite=overwrite, progress=not quiet)
     except (VideoError, FileExistsError, FileNotFoundError, IOError, ValueError) as e: _fail("preprocess", e)
+    except KeyboardInterrupt as e: _stopped("preprocess", e)
     m = json.loads((p / "meta.json").read_text())
     print(f"{p}: {m['n_frames']} frames, landmarks in {m['landmarks_found']:.1%}, reprojection RMS "
           f"{m['reprojection_rms_px']:.2f} px, {m['seconds']['total']:.1f} s")
@@ -119,7 +120,7 @@ def train_cli(data: DATA,
     except Interrupted as e:
         print(f"talkinggs train: {e}", file=sys.stderr)
         sys.exit(130)
-    except (FileNotFoundError, FileExistsError, ValueError) as e: _fail("train", e)
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e: _fail("train", e)
     print(f"{out}: model.pt, metrics.csv, loss.png ({time.time() - t0:.0f} s)")
 
 @call_parse
@@ -144,7 +145,7 @@ def render_cli(run: RUN,
     print(f"{out}: {r['frames']} frames in {r['seconds']:.1f} s")
 
 @call_parse
-def eval_cli(run: RUN,
+def eval_cli(run: Param("run folder (talkinggs train); not needed with --sync", str, nargs="?") = None,
              data: DATA_OF_RUN = None,
              static: Param("switch the motion fields off (canonical head)", store_true) = False,
              lmd_only: Param("add LMD to an existing report from its saved renders", store_true) = False,
@@ -162,10 +163,12 @@ def eval_cli(run: RUN,
         if sync:
             print(json.dumps(mouth_audio_sync(sync)))
             return
+        if run is None: raise ValueError("give RUN (a run folder), or --sync VIDEO")
         with quiet_native_logs(False if verbose else None):
             rep = evaluate(run, data, device, static, lmd_only, video=not no_video, refine=not tracked,
                            progress=not quiet, split=split)
-    except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("eval", e)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e: _fail("eval", e)
+    except KeyboardInterrupt as e: _stopped("eval", e)
     print(json.dumps(rep["summary"], indent=1))
     if "head_share" in rep: print(f"the head covers {rep['head_share']:.0%} of the frame; LMD over {rep['lmd_set']}")
     for k in ("lpips_note", "lmd_note", "video_note"):
@@ -186,6 +189,7 @@ def bench_cli(what: Param(f"what to benchmark: {', '.join(BENCHMARKS)}", str),
               device: Param("auto, cpu or cuda", str) = "auto",
               repeats: Param("timed repeats per measurement", int) = 5):
     "Run a benchmark and print its table."
+    from talkinggs.bookkeeping import Interrupted
     cmd = f"bench {what}"
     try:
         if what not in BENCHMARKS: raise ValueError(f"unknown benchmark {what!r}; choose {', '.join(BENCHMARKS)}")
@@ -196,15 +200,18 @@ def bench_cli(what: Param(f"what to benchmark: {', '.join(BENCHMARKS)}", str),
                          backends=backends.split(",") if backends else None, device=device, repeats=repeats)
         elif what == "motion":
             from talkinggs.motion_field import bench_motion
-            bench_motion(**({"n_points": counts} if counts else {}), device="cuda" if device == "auto" else device)
+            from talkinggs.core import get_device
+            bench_motion(**({"n_points": counts} if counts else {}), device=str(get_device(device)))
         else:
             if not path: raise ValueError("give --path (a data folder for train and report, a run folder for infer)")
             from talkinggs.bench import bench_train, bench_infer, bench_report
             if what == "report":
                 bench_report(path, out, video=video or None, train=not no_train, device=device, repeats=repeats)
                 print(f"wrote {Path(out) / 'bench.json'}")
-            else: (bench_train if what == "train" else bench_infer)(path, device=device)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e: _fail(cmd, e)
+            elif what == "train": bench_train(path, device=device)
+            else: bench_infer(path, device=device, repeats=repeats)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, OSError) as e: _fail(cmd, e)
+    except (KeyboardInterrupt, Interrupted) as e: _stopped(cmd, e)
 
 # %% ../nbs/99_cli.ipynb #9cffd9b0
 def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, the video and the report
@@ -229,7 +236,12 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
     say("2/4 train (CPU settings)")
     cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8),
                                 fused_iters=max(5, face_iters // 16))
-    train(data, out / "run", cfg, device=device, resume=(out / "run" / "config.json").exists(), progress=progress)
+    saved = out / "run" / "config.json"
+    if saved.exists() and json.loads(saved.read_text())["train"]["face_iters"] != face_iters:
+        was = json.loads(saved.read_text())["train"]["face_iters"]
+        raise FileExistsError(f"{out} holds a demo trained with --face_iters {was}: use another --out, or delete "
+                              f"{out / 'run'} to train it again with {face_iters}")
+    train(data, out / "run", cfg, device=device, resume=saved.exists(), progress=progress)
     say("3/4 render, driven by its own speech")
     render_video(out / "run", out / "demo.mp4", audio=head / "speech.wav", device=device, progress=progress)
     say("4/4 evaluate on the test frames (their tracked poses as they are: `talkinggs eval` also corrects them)")
@@ -247,7 +259,8 @@ def demo_cli(out: Param("folder for the data, the run, the video and the report"
     except Interrupted as e:
         print(f"talkinggs demo: {e} (run the same command again)", file=sys.stderr)
         sys.exit(130)
-    except (FileNotFoundError, FileExistsError, ValueError) as e: _fail("demo", e)
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e: _fail("demo", e)
+    except KeyboardInterrupt as e: _stopped("demo", e)
     s = r["summary"]
     print(f"{r['video']} and {r['report']} in {r['seconds']:.0f} s: PSNR {s['psnr']:.2f} dB, "
           f"in the head {s['psnr_head']:.2f} dB")
