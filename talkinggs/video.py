@@ -309,7 +309,7 @@ class VideoWriter:
         cmd += ["-v", "error", "-movflags", "+faststart"]
         if self.audio is not None: cmd += ["-shortest", "-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0"]
         self._log = tempfile.TemporaryFile()                      # ffmpeg's messages: the cause, if it fails
-        # its own session: Ctrl-C in a terminal reaches this process only, which then stops ffmpeg itself
+        # a new process group (start_new_session): Ctrl-C in a terminal reaches this process only, which stops ffmpeg
         self._proc = subprocess.Popen(cmd + [str(self._tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=self._log, start_new_session=True)
 
