@@ -301,7 +301,7 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                        novel=novel, redo=redo)
                 failed = failed_rows(out, names, sd)
     except (Interrupted, KeyboardInterrupt) as e: _stopped("ablate", e)
-    except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("ablate", e)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
     _report_failed("ablate", failed)
 
@@ -343,7 +343,7 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
                         rows.split(",") if rows else ["methods"], sd, devs, base, redo=redo)
                 failed = json.loads(Path(out, "fewshot.json").read_text())["failed"]
     except (Interrupted, KeyboardInterrupt) as e: _stopped("study", e)
-    except (FileNotFoundError, ValueError, RuntimeError) as e: _fail("study", e)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e: _fail("study", e)
     print(Path(out, "ablation.md" if what == "ablation" else "fewshot.md").read_text())
     _report_failed("study", failed)
 

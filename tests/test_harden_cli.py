@@ -37,3 +37,14 @@ def test_a_demo_rerun_with_other_settings_is_refused_by_name(tmp_path):
     (out / "run").mkdir()
     (out / "run" / "config.json").write_text(json.dumps({"train": {"face_iters": 30}}))
     _one_line(_cli("demo", "--out", out, "--face_iters", 40, "--quiet"), "--face_iters 30", "another --out")
+
+
+def test_ablate_into_a_folder_it_cannot_make_is_one_line(tmp_path):
+    data = tmp_path / "fake"
+    data.mkdir()
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
+                split=dict(train=[0, 114], test=[114, 126]))
+    (data / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "a_file").write_text("not a folder")                  # OUT below a file: mkdir fails (an OSError)
+    _one_line(_cli("ablate", data, "--out", tmp_path / "a_file" / "A", "--rows", "baseline", "--devices", "cpu"),
+              "talkinggs ablate: error", "a_file")
