@@ -145,7 +145,7 @@ def render_cli(run: RUN,
     print(f"{out}: {r['frames']} frames in {r['seconds']:.1f} s")
 
 @call_parse
-def eval_cli(run: Param("run folder (talkinggs train); not needed with --sync", str, nargs="?") = None,
+def eval_cli(run: Param("run folder (talkinggs train); not needed with --sync", str, nargs="?"),
              data: DATA_OF_RUN = None,
              static: Param("switch the motion fields off (canonical head)", store_true) = False,
              lmd_only: Param("add LMD to an existing report from its saved renders", store_true) = False,

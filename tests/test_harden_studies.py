@@ -216,7 +216,9 @@ def stop_mid_run(clip, out, devices, sig, rows=("baseline", "random_bg"), wait_f
     long = f"{TINY_FLAG},face_iters=100000,ckpt_every=1"
     env = os.environ | dict(OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "ablate", str(clip), "--out", str(out), "--rows", ",".join(rows),
-                          "--devices", devices, "--config", long], stderr=subprocess.PIPE, text=True, env=env)
+                          "--devices", devices, "--config", long], stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # Ctrl-C as in a terminal,
+                                                                    # even when the tests run as a background job
     try:
         t0 = time.time()
         while len(list(out.glob("*_s0/run/face.ckpt.pt"))) < wait_for and p.poll() is None and time.time() - t0 < 120:
