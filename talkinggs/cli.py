@@ -237,8 +237,8 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
     cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8),
                                 fused_iters=max(5, face_iters // 16))
     saved = out / "run" / "config.json"
-    if saved.exists() and json.loads(saved.read_text())["train"]["face_iters"] != face_iters:
-        was = json.loads(saved.read_text())["train"]["face_iters"]
+    was = json.loads(saved.read_text())["train"]["face_iters"] if saved.exists() else face_iters
+    if was != face_iters:
         raise FileExistsError(f"{out} holds a demo trained with --face_iters {was}: use another --out, or delete "
                               f"{out / 'run'} to train it again with {face_iters}")
     train(data, out / "run", cfg, device=device, resume=saved.exists(), progress=progress)

@@ -65,10 +65,9 @@ def fewshot_table(res: list[dict],
 
 def fewshot_plot(res: list[dict], path: str | Path) -> None:
     "Head PSNR and centred LMD against training length, one line per row (method)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    from matplotlib.figure import Figure      # outside pyplot: the notebook's backend is left as it is
+    fig = Figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 2)
     for ax, (head, key) in zip(axes, (("head PSNR (dB)", "psnr_head"), ("LMD centred (px)", "lmd_centred"))):
         for name in dict.fromkeys(r["row"] for r in res):
             pts = sorted((r["train_seconds_clip"], r["test"].get(key)) for r in res if r["row"] == name)
@@ -80,7 +79,6 @@ def fewshot_plot(res: list[dict], path: str | Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 def _check_lengths(lengths, test_seconds: float, clip: float | None = None) -> tuple:
     "Training lengths and test tail in seconds, positive, each length once, fitting a clip of `clip` s (when known)."
