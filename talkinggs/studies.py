@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, os, shutil
 from pathlib import Path
-import numpy as np
 from .core import check_devices
 from .bookkeeping import atomic_write_text, take_lock
 from .ablation import (
