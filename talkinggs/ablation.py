@@ -5,6 +5,7 @@
 # %% ../nbs/33_ablation.ipynb #00000003
 from __future__ import annotations
 import dataclasses, json, os, shutil, signal, socket, sys, time, traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -19,12 +20,13 @@ from .model import METHODS
 from .run import saved_config, SAFE_ON_RESUME
 from .train import train
 from .evaluate import evaluate, render_frames, lip_spread
+from .rasterize import build_gsplat
 
 # %% auto #0
 __all__ = ['ROWS', 'ROW_GROUPS', 'TABLE_COLUMNS', 'Row', 'method_rows', 'expand_rows', 'row_config', 'resolved_config',
            'n_train_frames', 'row_error', 'row_differs', 'row_state', 'run_row', 'release_row', 'check_rows',
-           'check_seeds', 'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'failed_rows', 'write_table',
-           'fill_lip_metrics']
+           'check_seeds', 'local_pool', 'run_jobs', 'ablate', 'ablation_table', 'read_rows', 'failed_rows',
+           'write_table', 'fill_lip_metrics']
 
 # %% ../nbs/33_ablation.ipynb #00000006
 @dataclass
@@ -221,15 +223,6 @@ def _stop(procs: list) -> None:
         for p in procs: p.kill()
         for p in procs: p.join()
 
-def _build_gsplat(devices: list[str]) -> None:
-    "Compile gsplat's CUDA code once, here, before the workers start (several processes compiling at once collide)."
-    from talkinggs.rasterize import rasterize
-    d = next(d for d in devices if d.startswith("cuda"))
-    one = lambda *s: torch.ones(*s, device=d)
-    K = torch.tensor([[[10.0, 0, 4], [0, 10, 4], [0, 0, 1]]], device=d)
-    rasterize(one(1, 3) * torch.tensor([0, 0, 2.0], device=d), one(1, 4), one(1, 3) * 0.1, one(1), one(1, 3),
-              torch.eye(4, device=d)[None], K, 8, 8, backend="gsplat")
-
 def check_rows(rows: list[str] | None) -> list[str]:
     "Row names with groups expanded (all rows for None); unknown names refused."
     rows = list(ROWS) if rows is None else expand_rows(rows)
@@ -246,16 +239,37 @@ def check_seeds(seeds) -> tuple:
     if twice: raise ValueError(f"seed {twice[0]} is given twice: each seed trains into one folder, give each once")
     return seeds
 
+def local_pool(jobs: list[tuple],     # (data, ablation folder, row name, seed, data checksum) each, checked
+               devices: list[str],    # one worker each (a device named twice: two)
+               base: dict | None, train_frames: int, static: bool, novel: str | None, redo: bool) -> None:
+    "The default pool: one worker process (`run_row`) per entry of `devices` on this machine, all on one queue."
+    if any(d.startswith("cuda") for d in devices): build_gsplat(next(d for d in devices if d.startswith("cuda")))
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    queue.cancel_join_thread()                 # a stopped run exits without waiting for unread jobs
+    for job in jobs: queue.put(job)
+    for _ in devices: queue.put(None)          # one stop sign per worker
+    if len(devices) == 1: return _worker(queue, devices[0], base, train_frames, static, novel, redo)
+    args = (base, train_frames, static, novel, redo, os.getpid())
+    procs = [ctx.Process(target=_child, args=(queue, d, *args)) for d in devices]
+    try:
+        for p in procs: p.start()
+        for p in procs: p.join()
+    except (KeyboardInterrupt, Interrupted):
+        _stop(procs)
+        raise
+
 def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder, row name, seed) each
-             # one worker each (a device named twice: two); default every GPU, else ["cpu"]
-             devices: list[str] | None = None,
+             devices: list[str] | None = None,   # one worker each (named twice: two); default every GPU, else ["cpu"]
              base: dict | None = None,           # fields set for every row
              train_frames: int = 60,
              static: bool = True,                # also evaluate each row's static model (`run_row`)
              novel: str | None = None,           # speech by another voice for each row's lip spread (`run_row`)
              redo: bool = False,                 # train again rows made with another config or data (else: refused)
+             pool: Callable | None = None,       # runs the checked jobs: `local_pool` (default), chapter 33a: Ray
             ) -> None:
-    "Train and evaluate every job (`run_row`), one worker process per entry of `devices`, all drawing from one queue."
+    "Check, lock and train and evaluate every job (`run_row`) in a pool: by default one worker process per device."
     jobs = [(Path(data), Path(out), name, seed) for data, out, name, seed in jobs]
     for data, *_ in jobs:
         if not (data / "meta.json").is_file():
@@ -269,7 +283,7 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
     n_train = {data: n_train_frames(data) for data in dict.fromkeys(d for d, *_ in jobs)}
     cfgs = [resolved_config(ROWS[name], int(seed), base, n_train[data]) for data, _, name, seed in jobs]
     made = [out for out in dict.fromkeys(o for _, o, *_ in jobs) if not out.exists()]
-    locks, procs = [], []
+    locks = []
     with sigterm_as_interrupt():                       # a kill stops the rows as Ctrl-C does
         try:
             for f in folders: locks.append(take_lock(f, "ablate/study rows"))
@@ -280,21 +294,9 @@ def run_jobs(jobs: list[tuple],                  # (data folder, ablation folder
                 more = f" (and {len(differ) - 1} other rows)" if len(differ) > 1 else ""
                 raise ValueError(f"{differ[0][0]} was made with {differ[0][1]}{more}: pass --redo (redo=True) to "
                                  f"train such rows again, or use another --out")
-            if any(d.startswith("cuda") for d in devices): _build_gsplat(devices)
-            import torch.multiprocessing as mp
-            ctx = mp.get_context("spawn")
-            queue = ctx.Queue()
-            queue.cancel_join_thread()                 # a stopped run exits without waiting for unread jobs
-            for data, out, name, seed in jobs: queue.put((str(data), str(out), name, int(seed), sums[data]))
-            for _ in devices: queue.put(None)          # one stop sign per worker
-            if len(devices) == 1: _worker(queue, devices[0], base, train_frames, static, novel, redo)
-            else:
-                args = (base, train_frames, static, novel, redo, os.getpid())
-                procs = [ctx.Process(target=_child, args=(queue, d, *args)) for d in devices]
-                for p in procs: p.start()
-                for p in procs: p.join()
+            checked = [(str(data), str(out), name, int(seed), sums[data]) for data, out, name, seed in jobs]
+            (pool or local_pool)(checked, devices, base, train_frames, static, novel, redo)
         except (KeyboardInterrupt, Interrupted):
-            _stop(procs)
             raise Interrupted("interrupted: run the same command again to continue (finished rows and the "
                               "checkpoints of the others are kept)") from None
         finally:
@@ -311,10 +313,12 @@ def ablate(data: str | Path, out: str | Path,
            train_frames: int = 60,
            novel: str | None = None,          # speech by another voice: each row's frames driven by it (`run_row`)
            redo: bool = False,                # train again rows made with another config or data (else: refused)
+           pool: Callable | None = None,      # who runs the rows (`run_jobs`): default this machine's devices
           ) -> list[dict]:
     "Run every (row, seed) with one worker per device; write row JSONs, ablation.json and ablation.md; the rows."
     rows, seeds = check_rows(rows), check_seeds(seeds)
-    run_jobs([(data, out, r, s) for r in rows for s in seeds], devices, base, train_frames, novel=novel, redo=redo)
+    jobs = [(data, out, r, s) for r in rows for s in seeds]
+    run_jobs(jobs, devices, base, train_frames, novel=novel, redo=redo, pool=pool)
     return write_table(out, rows, seeds)
 
 # %% ../nbs/33_ablation.ipynb #0000000e

@@ -10,8 +10,8 @@ from fastcore.script import anno_parser, call_parse, Param, store_true
 
 # %% auto #0
 __all__ = ['DEVICE', 'QUIET', 'VERBOSE', 'DATA', 'DATA_OF_RUN', 'RUN', 'CONFIG', 'ROWS', 'SEEDS', 'DEVICES', 'LIP', 'REDO',
-           'BENCHMARKS', 'COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli', 'bench_cli', 'demo',
-           'demo_cli', 'ablate_cli', 'study_cli', 'main']
+           'CLUSTER', 'SHIP_DATA', 'BENCHMARKS', 'COMMANDS', 'preprocess_cli', 'train_cli', 'render_cli', 'eval_cli',
+           'bench_cli', 'demo', 'demo_cli', 'ablate_cli', 'study_cli', 'main']
 
 # %% ../nbs/99_cli.ipynb #38cb2ec0
 DEVICE = Param("auto, cpu, cuda or cuda:N", str)
@@ -27,6 +27,8 @@ DEVICES = Param("comma-separated devices (default: every visible GPU, else the C
 LIP = Param("only fill in LMD and mouth-opening correlation from the saved renders and rewrite the tables", store_true)
 REDO = Param("train again the rows of OUT made with another --config or data (without it a rerun refuses them)",
              store_true)
+CLUSTER = Param("rows as Ray tasks (chapter 33a): ray (the cluster here, else a local one) or ray://HOST:PORT", str)
+SHIP_DATA = Param("with --cluster: send DATA with each task (else every node must see it by its path)", store_true)
 
 def _fail(cmd: str, e: Exception | str):
     "One line on stderr, exit status 2."
@@ -278,12 +280,15 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                novel: Param("speech by another voice (e.g. novel_speech_8s.wav): each row also renders frames driven "
                             "by it, whose lip spread --lip measures", str) = None,
                list_rows: Param("print the rows and what each tests", store_true) = False,
-               redo: REDO = False):
+               redo: REDO = False,
+               cluster: CLUSTER = None,
+               ship_data: SHIP_DATA = False):
     "Train and evaluate ablation rows, one per device at a time; a JSON per row and one table."
     from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics, check_rows, failed_rows
     from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
     from talkinggs.samples import SAMPLES, get_sample
+    from talkinggs.cluster import ray_pool
     if list_rows:
         for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
         for g, names in ROW_GROUPS.items(): print(f"group {g:<16} {', '.join(names)}")
@@ -297,11 +302,12 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
                 if novel and not Path(novel).exists() and novel in SAMPLES: novel = str(get_sample(novel))
                 if novel and not Path(novel).is_file(): raise FileNotFoundError(f"--novel {novel}: no such audio file")
                 names, sd = check_rows(rows.split(",") if rows else None), _numbers(seeds, int, "--seeds")
-                ablate(data, out, names, sd, devices.split(",") if devices else None, parse_changes(config) or None,
-                       novel=novel, redo=redo)
+                devs = devices.split(",") if devices else None
+                ablate(data, out, names, sd, devs, parse_changes(config) or None, novel=novel, redo=redo,
+                       pool=ray_pool(cluster, ship_data, devs))
                 failed = failed_rows(out, names, sd)
     except (Interrupted, KeyboardInterrupt) as e: _stopped("ablate", e)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e: _fail("ablate", e)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, ImportError) as e: _fail("ablate", e)
     print(Path(out, "ablation.md").read_text())
     _report_failed("ablate", failed)
 
@@ -318,12 +324,15 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
               lengths: Param("fewshot: training lengths in seconds", str) = "10,15,20",
               test_seconds: Param("fewshot: the held-out tail in seconds", float) = 20.0,
               lip: LIP = False,
-              redo: REDO = False):
+              redo: REDO = False,
+              cluster: CLUSTER = None,
+              ship_data: SHIP_DATA = False):
     "Run a study (many trainings through `ablate`): its table as markdown, JSON and (fewshot) a plot."
     from talkinggs.ablation import ablate, fill_lip_metrics, check_rows, failed_rows
     from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
     from talkinggs.studies import fewshot, write_fewshot
+    from talkinggs.cluster import ray_pool
     failed = []
     try:
         with sigterm_as_interrupt():                   # a kill stops the runs as Ctrl-C does
@@ -334,16 +343,17 @@ def study_cli(what: Param("ablation (TalkingGaussian's Table 4 on a clip) or few
             elif what == "ablation":
                 if source is None: raise ValueError("give the preprocessed clip the rows train on")
                 names = check_rows(rows.split(",") if rows else ["table4"])
-                ablate(source, out, names, sd, devs, base, redo=redo)
+                ablate(source, out, names, sd, devs, base, redo=redo, pool=ray_pool(cluster, ship_data, devs))
                 failed = failed_rows(out, names, sd)
             elif lip: write_fewshot(out, lip=True)
             else:
                 if source is None: raise ValueError("give the video (or preprocessed clip) of the study")
                 fewshot(source, out, _numbers(lengths, float, "--lengths"), test_seconds,
-                        rows.split(",") if rows else ["methods"], sd, devs, base, redo=redo)
+                        rows.split(",") if rows else ["methods"], sd, devs, base, redo=redo,
+                        pool=ray_pool(cluster, ship_data, devs))
                 failed = json.loads(Path(out, "fewshot.json").read_text())["failed"]
     except (Interrupted, KeyboardInterrupt) as e: _stopped("study", e)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e: _fail("study", e)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError, ImportError) as e: _fail("study", e)
     print(Path(out, "ablation.md" if what == "ablation" else "fewshot.md").read_text())
     _report_failed("study", failed)
 

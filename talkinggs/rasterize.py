@@ -13,7 +13,7 @@ from .gaussians import build_covariance, sh_to_color
 
 # %% auto #0
 __all__ = ['ALPHA_MIN', 'T_MIN', 'BOX_SIGMAS', 'JAC_CLAMP', 'RenderMode', 'Backend', 'project_gaussians', 'composite_block',
-           'rasterize_torch', 'gsplat_available', 'rasterize']
+           'rasterize_torch', 'gsplat_available', 'rasterize', 'build_gsplat']
 
 # %% ../nbs/02_rasterize.ipynb #a8a9b48b
 ALPHA_MIN = 1.0 / 255.0  # 3DGS (Kerbl et al. 2023, Sec. 6 / its code): a splat with alpha < 1/255 at a pixel is skipped
@@ -245,3 +245,10 @@ def rasterize(means: torch.Tensor,      # [N, 3] centres
     from gsplat import rasterization
     return rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                          packed=False, rasterize_mode="classic", **common, **kwargs)
+
+def build_gsplat(device: str = "cuda") -> None:
+    "Compile gsplat's CUDA code now, with one tiny render (processes that compile it at once, on first use, collide)."
+    one = lambda *s: torch.ones(*s, device=device)
+    K = torch.tensor([[[10.0, 0, 4], [0, 10, 4], [0, 0, 1]]], device=device)
+    rasterize(one(1, 3) * torch.tensor([0, 0, 2.0], device=device), one(1, 4), one(1, 3) * 0.1, one(1), one(1, 3),
+              torch.eye(4, device=device)[None], K, 8, 8, backend="gsplat")

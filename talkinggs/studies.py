@@ -122,6 +122,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
             preprocess_cfg=None,                  # PreprocessConfig when `source` is a video
             static: bool = False,                 # also evaluate each run's static model (the table does not use it)
             redo: bool = False,                   # train again runs made with another config or data (else: refused)
+            pool=None,                            # who trains the runs (chapter 33's `run_jobs`; 33a: a Ray cluster)
            ) -> list[dict]:
     "Train every row on the first 10/15/20 s of one clip, test all on the same unseen tail: fewshot.json, .md and .png."
     out, source = Path(out), Path(source)
@@ -146,7 +147,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
         _check_lengths(lengths, test_seconds, clip)        # the frames preprocessing kept
         views = {L: fewshot_split(data, out / f"data_{L:g}s", L, test_seconds) for L in lengths}
         run_jobs([(views[L], out / f"{L:g}s", r, s) for L in lengths for r in rows for s in seeds],
-                 devices, base, train_frames, static, redo=redo)
+                 devices, base, train_frames, static, redo=redo, pool=pool)
         atomic_write_text(json.dumps(dict(data=str(data.resolve()), clip_seconds=clip, test_seconds=test_seconds,
                                           lengths=list(lengths), rows=rows, seeds=list(seeds)), indent=1),
                           out / "study.json")

@@ -1,0 +1,111 @@
+"""Chapter 33a on a real Ray cluster of this machine with two CPU workers: ablation rows as Ray tasks, run through the
+`talkinggs` command (in this process, and from a second process that connects to the running cluster)."""
+import json, os, subprocess, sys, tempfile
+from pathlib import Path
+
+import pytest
+
+from talkinggs.cli import main
+
+ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[cluster]" ([dev] has it too)')
+
+TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
+            densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
+TINY_FLAG = ",".join(f"{k}={v}" for k, v in TINY.items())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    "A Ray cluster of this machine with two CPUs for this module (this process is its first driver); its address."
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    "`talkinggs ARGV` in this process: its exit status, stdout and stderr."
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(md: str) -> list[str]:
+    "The row names of an ablation.md table."
+    return [line.split("|")[1].strip() for line in md.splitlines()[2:] if line.startswith("| ")]
+
+
+def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_once, tmp_path, capsys):
+    out = tmp_path / "abl"
+    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
+                            "--cluster", "ray"], capsys)
+    assert code == 0, err
+    rows = [json.loads((out / f"{r}_s0" / "row.json").read_text()) for r in ("baseline", "no_lip_term")]
+    assert [r["row"] for r in rows] == ["baseline", "no_lip_term"]
+    assert [r["config"]["lip_landmark_weight"] > 0 for r in rows] == [True, False]
+    assert all(r["config"]["face_iters"] == 30 and r["device"] == "cpu" and r["test"]["psnr_head"] > 0 for r in rows)
+    assert all(r["data"] == str(clip64_once.resolve()) for r in rows)
+    assert table_rows(table) == ["baseline", "no_lip_term"] and table == (out / "ablation.md").read_text() + "\n"
+    assert json.loads((out / "ablation.json").read_text())["rows"] == rows
+    done = [line for line in err.splitlines() if line.startswith("[")]          # one line per task as it ends
+    assert sorted(line[:5] for line in done) == ["[1/2]", "[2/2]"] and all(line.endswith(": done") for line in done), err
+    assert not list(out.glob("*/lock.json")) and not list(out.glob("*/error.txt"))
+    stamp = (out / "baseline_s0" / "row.json").stat().st_mtime_ns
+    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--config", TINY_FLAG,
+                            "--cluster", "ray"], capsys)
+    assert code == 0 and (out / "baseline_s0" / "row.json").stat().st_mtime_ns == stamp, err   # reused, not retrained
+    assert table_rows(table) == ["baseline"]
+
+
+def test_a_row_failing_in_its_task_is_reported_and_exits_1(cluster, tmp_path):
+    fake = tmp_path / "fake"                   # passes every check before training, but has no frames: fails in the task
+    fake.mkdir()
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000, split=dict(train=[0, 114], test=[114, 126]))
+    (fake / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "abl"
+    env = os.environ | dict(RAY_ADDRESS=cluster)   # a second driver: the command connects to the running cluster
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "study", "ablation", str(fake), "--out", str(out),
+                        "--rows", "baseline", "--config", TINY_FLAG, "--cluster", "ray"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    first = (out / "baseline_s0" / "error.txt").read_text().splitlines()[0]
+    assert f"(on {os.uname().nodename})" in first and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "1 row(s) failed" in r.stderr and f"  {out / 'baseline_s0'}: {first}" in r.stderr
+    assert f"[1/1] {out / 'baseline_s0'} on " in r.stderr and f"failed: {first}" in r.stderr
+    assert f"| baseline | 0 | failed: {first} |" in r.stdout
+
+
+def test_ship_data_trains_from_a_copy_and_names_the_clip(cluster, clip64_once, tmp_path, capsys):
+    out = tmp_path / "abl"
+    before = set(Path(tempfile.gettempdir()).glob("talkinggs_data_*"))
+    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--seeds", "1",
+                            "--config", TINY_FLAG, "--cluster", "ray", "--ship_data"], capsys)
+    assert code == 0 and table_rows(table) == ["baseline"], err
+    row = json.loads((out / "baseline_s1" / "row.json").read_text())
+    run_cfg = json.loads((out / "baseline_s1" / "run" / "config.json").read_text())
+    clip = str(clip64_once.resolve())
+    assert row["data"] == run_cfg["data"] == clip and row["data_checksum"] == run_cfg["data_checksum"]
+    assert not any("talkinggs_data_" in p.read_text() for p in (out / "baseline_s1").rglob("*.json"))   # repointed
+    assert set(Path(tempfile.gettempdir()).glob("talkinggs_data_*")) == before                          # copy removed
+    stamp = (out / "baseline_s1" / "row.json").stat().st_mtime_ns
+    code, _, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--seeds", "1",
+                        "--config", TINY_FLAG, "--cluster", "ray"], capsys)                 # by its path now: the same row
+    assert code == 0 and (out / "baseline_s1" / "row.json").stat().st_mtime_ns == stamp, err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--cluster", "ray", "--devices", "cpu"], "drop --devices"),
+    (["--ship_data"], "it goes with --cluster"),
+    (["--cluster", "ray:/gpu-a:10001"], "--cluster takes ray"),
+    (["--cluster", "ray", "NO_RAY"], 'pip install -e ".[cluster]"'),
+])
+def test_cluster_flags_are_checked_before_anything_is_written(flags, needle, clip64_once, tmp_path, capsys, monkeypatch):
+    if "NO_RAY" in flags:
+        monkeypatch.setitem(sys.modules, "ray", None)                # Ray not installed: `import ray` fails
+        flags = flags[:-1]
+    code, _, err = run(["ablate", clip64_once, "--out", tmp_path / "abl", "--rows", "baseline", *flags], capsys)
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and not (tmp_path / "abl").exists(), err
