@@ -158,4 +158,7 @@ def ray_pool(cluster: str | None,               # --cluster: ray or ray://HOST:P
                                  "is free: drop --devices")
     pool = RayPool(ray_address(cluster), ship_data)
     import_ray()
+    if pool.address is not None:                        # ray://: Ray's client talks to the cluster over gRPC
+        try: import grpc  # noqa: F401
+        except ImportError: raise ImportError(f"--cluster ray://... needs Ray's client: {INSTALL}") from None
     return pool

@@ -39,25 +39,32 @@ def table_rows(md: str) -> list[str]:
 
 
 def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_once, tmp_path, capsys):
-    out = tmp_path / "abl"
+    "Two rows side by side on the two CPUs, the clip shipped with the tasks; then the same rows by path: reused."
+    out, clip = tmp_path / "abl", str(clip64_once.resolve())
+    before = set(Path(tempfile.gettempdir()).glob("talkinggs_data_*"))
     code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
-                            "--cluster", "ray"], capsys)
+                            "--cluster", "ray", "--ship_data"], capsys)
     assert code == 0, err
     rows = [json.loads((out / f"{r}_s0" / "row.json").read_text()) for r in ("baseline", "no_lip_term")]
     assert [r["row"] for r in rows] == ["baseline", "no_lip_term"]
     assert [r["config"]["lip_landmark_weight"] > 0 for r in rows] == [True, False]
     assert all(r["config"]["face_iters"] == 30 and r["device"] == "cpu" and r["test"]["psnr_head"] > 0 for r in rows)
-    assert all(r["data"] == str(clip64_once.resolve()) for r in rows)
     assert table_rows(table) == ["baseline", "no_lip_term"] and table == (out / "ablation.md").read_text() + "\n"
     assert json.loads((out / "ablation.json").read_text())["rows"] == rows
     done = [line for line in err.splitlines() if line.startswith("[")]          # one line per task as it ends
     assert sorted(line[:5] for line in done) == ["[1/2]", "[2/2]"] and all(line.endswith(": done") for line in done), err
     assert not list(out.glob("*/lock.json")) and not list(out.glob("*/error.txt"))
-    stamp = (out / "baseline_s0" / "row.json").stat().st_mtime_ns
-    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--config", TINY_FLAG,
+    # trained from a shipped copy, yet every JSON names the clip by its path, and the copy is gone
+    run_cfg = json.loads((out / "baseline_s0" / "run" / "config.json").read_text())
+    assert rows[0]["data"] == run_cfg["data"] == clip and rows[0]["data_checksum"] == run_cfg["data_checksum"]
+    assert not any("talkinggs_data_" in p.read_text() for p in out.rglob("*.json"))
+    assert set(Path(tempfile.gettempdir()).glob("talkinggs_data_*")) == before
+    # the same rows, the data read by its path on the node: the same rows, reused
+    stamps = [(out / f"{r}_s0" / "row.json").stat().st_mtime_ns for r in ("baseline", "no_lip_term")]
+    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
                             "--cluster", "ray"], capsys)
-    assert code == 0 and (out / "baseline_s0" / "row.json").stat().st_mtime_ns == stamp, err   # reused, not retrained
-    assert table_rows(table) == ["baseline"]
+    assert code == 0 and table_rows(table) == ["baseline", "no_lip_term"], err
+    assert [(out / f"{r}_s0" / "row.json").stat().st_mtime_ns for r in ("baseline", "no_lip_term")] == stamps
 
 
 def test_a_row_failing_in_its_task_is_reported_and_exits_1(cluster, tmp_path):
@@ -76,24 +83,6 @@ def test_a_row_failing_in_its_task_is_reported_and_exits_1(cluster, tmp_path):
     assert "1 row(s) failed" in r.stderr and f"  {out / 'baseline_s0'}: {first}" in r.stderr
     assert f"[1/1] {out / 'baseline_s0'} on " in r.stderr and f"failed: {first}" in r.stderr
     assert f"| baseline | 0 | failed: {first} |" in r.stdout
-
-
-def test_ship_data_trains_from_a_copy_and_names_the_clip(cluster, clip64_once, tmp_path, capsys):
-    out = tmp_path / "abl"
-    before = set(Path(tempfile.gettempdir()).glob("talkinggs_data_*"))
-    code, table, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--seeds", "1",
-                            "--config", TINY_FLAG, "--cluster", "ray", "--ship_data"], capsys)
-    assert code == 0 and table_rows(table) == ["baseline"], err
-    row = json.loads((out / "baseline_s1" / "row.json").read_text())
-    run_cfg = json.loads((out / "baseline_s1" / "run" / "config.json").read_text())
-    clip = str(clip64_once.resolve())
-    assert row["data"] == run_cfg["data"] == clip and row["data_checksum"] == run_cfg["data_checksum"]
-    assert not any("talkinggs_data_" in p.read_text() for p in (out / "baseline_s1").rglob("*.json"))   # repointed
-    assert set(Path(tempfile.gettempdir()).glob("talkinggs_data_*")) == before                          # copy removed
-    stamp = (out / "baseline_s1" / "row.json").stat().st_mtime_ns
-    code, _, err = run(["ablate", clip64_once, "--out", out, "--rows", "baseline", "--seeds", "1",
-                        "--config", TINY_FLAG, "--cluster", "ray"], capsys)                 # by its path now: the same row
-    assert code == 0 and (out / "baseline_s1" / "row.json").stat().st_mtime_ns == stamp, err
 
 
 @pytest.mark.parametrize("flags, needle", [
