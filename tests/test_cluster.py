@@ -1,6 +1,6 @@
 """Chapter 33a on a real Ray cluster of this machine with two CPU workers: ablation rows as Ray tasks, run through the
 `talkinggs` command (in this process, and from a second process that connects to the running cluster)."""
-import json, os, subprocess, sys, tempfile
+import json, os, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import pytest
@@ -83,6 +83,32 @@ def test_a_row_failing_in_its_task_is_reported_and_exits_1(cluster, tmp_path):
     assert "1 row(s) failed" in r.stderr and f"  {out / 'baseline_s0'}: {first}" in r.stderr
     assert f"[1/1] {out / 'baseline_s0'} on " in r.stderr and f"failed: {first}" in r.stderr
     assert f"| baseline | 0 | failed: {first} |" in r.stdout
+
+
+def test_ctrl_c_cancels_the_tasks_which_save_their_checkpoints_and_exits_130(cluster, clip64_once, tmp_path):
+    out = tmp_path / "abl"
+    long = f"{TINY_FLAG},face_iters=100000,ckpt_every=1"
+    env = os.environ | dict(RAY_ADDRESS=cluster)
+    p = subprocess.Popen([sys.executable, "-m", "talkinggs", "ablate", str(clip64_once), "--out", str(out),
+                          "--rows", "baseline", "--config", long, "--cluster", "ray"], stderr=subprocess.PIPE, text=True,
+                         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a terminal
+    ckpt = out / "baseline_s0" / "run" / "face.ckpt.pt"
+    try:
+        t0 = time.time()
+        while not ckpt.is_file() and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=90)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted: run the same command again" in err, err[-3000:]
+    assert ckpt.is_file() and not (out / "baseline_s0" / "lock.json").exists()
+    assert not (out / "baseline_s0" / "error.txt").exists()                    # a stop, not a failure
+    t0 = time.time()
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() - t0 < 30:   # the task does not run on
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2
 
 
 @pytest.mark.parametrize("flags, needle", [
