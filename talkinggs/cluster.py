@@ -86,6 +86,7 @@ def row_task(job: tuple,               # (data, ablation folder, row name, seed,
     except Exception as e:                                   # as chapter 33's workers: first line, then the traceback
         first = (str(e).strip().splitlines() or [""])[0]
         error = f"{type(e).__name__}: {first} (on {host})\n\n{traceback.format_exc()}"
+        if tmp is not None: error = error.replace(str(tmp), data)   # the clip as named, not its shipped copy
     finally:
         if tmp is not None:                                  # the copy's path, in the row's JSONs, made the clip's
             _repoint(folder, tmp, data)
