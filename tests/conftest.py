@@ -1,5 +1,5 @@
 """pytest configuration: the `gpu` marker skips (with a reason) where CUDA or gsplat is missing."""
-import shutil
+import hashlib, shutil
 from pathlib import Path
 
 import pytest
@@ -29,14 +29,27 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def folder_state(root: Path) -> dict:
+    "Every path under `root` (folders too) with a SHA-256 of each file's bytes: to tell whether anything changed."
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
+
+
 @pytest.fixture(scope="session")
 def clip64_once(tmp_path_factory):
-    "The committed synthetic talking head preprocessed at 64x64, once per test session (~25 s on 2 cores)."
+    """The committed synthetic talking head preprocessed at 64x64, once per test session (~25 s on 2 cores).
+    Shared and read-only: at the end of the session it fails if any test added, removed or changed a file in it
+    (a test that changes files takes `clip64_copy`)."""
     from talkinggs.preprocess import PreprocessConfig, preprocess
     from talkinggs.samples import repo_root
-    return preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4",
+    clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4",
                       tmp_path_factory.mktemp("synthetic_once") / "clip64", cfg=PreprocessConfig(size=64),
                       progress=False)
+    before = folder_state(clip)
+    yield clip
+    after = folder_state(clip)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared clip64_once (use clip64_copy): {changed[:10]}"
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from talkinggs.ablation import ROWS, Row, ablate, row_config, read_rows
-from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
@@ -17,10 +15,9 @@ TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    "The committed synthetic talking head, preprocessed at 64x64."
-    return preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4",
-                      tmp_path_factory.mktemp("synthetic") / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+def clip(clip64_once):
+    "The committed synthetic talking head, preprocessed at 64x64 once per session (conftest.py): read only."
+    return clip64_once
 
 
 def test_rows_change_only_known_fields():

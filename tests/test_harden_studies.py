@@ -13,7 +13,6 @@ import torch
 from talkinggs.ablation import ROWS, row_config
 from talkinggs.bookkeeping import data_checksum
 from talkinggs.cli import main
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.samples import repo_root
 from talkinggs.train_config import TrainConfig, resolve_config
 
@@ -184,9 +183,9 @@ def test_fewshot_checks_seeds_and_a_short_video_before_writing(fake, tmp_path, c
 
 # 4. Ctrl-C and SIGTERM (these two train, on the synthetic head at 64x64)
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    "The committed synthetic talking head, preprocessed at 64x64."
-    return preprocess(VIDEO, tmp_path_factory.mktemp("synthetic") / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+def clip(clip64_once):
+    "The committed synthetic talking head, preprocessed at 64x64 once per session (conftest.py): read only."
+    return clip64_once
 
 
 def children(pid: int) -> list[int]:

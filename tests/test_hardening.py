@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
+from talkinggs.preprocess import preprocess
 from talkinggs.train import cpu_demo_train_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
@@ -17,9 +17,9 @@ VIDEO = repo_root() / "data_samples" / "synthetic_head" / "video.mp4"
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    "The committed synthetic talking head, preprocessed at 64x64 (copy it before breaking it)."
-    return preprocess(VIDEO, tmp_path_factory.mktemp("synthetic") / "clip64", cfg=PreprocessConfig(size=64), progress=False)
+def clip(clip64_once):
+    "The committed synthetic talking head at 64x64, preprocessed once per session (conftest.py): copy it to break it."
+    return clip64_once
 
 
 def tiny(**changes):
@@ -82,9 +82,8 @@ def test_unknown_preset_is_refused_before_loading(clip, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_truncated_checkpoint_on_resume_names_the_file(clip, tmp_path):
-    run = tmp_path / "run"
-    train(clip, run, tiny(), device="cpu", progress=False)
+def test_truncated_checkpoint_on_resume_names_the_file(clip, run, tmp_path):
+    run = Path(shutil.copytree(run, tmp_path / "run"))          # a copy of the module's run: train(clip, run, tiny())
     ck = run / "face.ckpt.pt"; raw = ck.read_bytes(); ck.write_bytes(raw[: len(raw) // 3])
     one_line_error(cli("train", clip, "--out", run, "--resume", "--device", "cpu"), "face.ckpt.pt cannot be read", "delete it")
     (run / "config.json").write_text("{ broken")
@@ -97,10 +96,10 @@ def test_run_inside_its_data_folder_can_be_resumed(clip, tmp_path):
     train(data, data / "run", tiny(), device="cpu", resume=True, progress=False)   # the checksum ignores the run
 
 
-def test_config_json_records_whether_the_fused_stage_had_lpips(clip, tmp_path):
+def test_config_json_records_whether_the_fused_stage_had_lpips(clip, run, tmp_path):
     from talkinggs.metrics import lpips_or_none
-    train(clip, tmp_path / "off", tiny(lpips_gamma=0.0), device="cpu", progress=False)
-    assert json.loads((tmp_path / "off" / "config.json").read_text())["fused_lpips"] is None
+    assert tiny().lpips_gamma == 0.0                              # the module's run: train(clip, run, tiny()), LPIPS off
+    assert json.loads((run / "config.json").read_text())["fused_lpips"] is None
     if lpips_or_none("cpu", quiet=True) is not None: pytest.skip("lpips and its weights are installed here: the unavailable case cannot be shown")
     train(clip, tmp_path / "on", tiny(lpips_gamma=0.5), device="cpu", progress=False)
     info = json.loads((tmp_path / "on" / "config.json").read_text())

@@ -3,17 +3,14 @@ CPU processes) give the same model as training them one after the other."""
 import pytest
 import torch
 
-from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.train import train, cpu_demo_train_config
 from talkinggs.model import load_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_parallel_branches_match_sequential(tmp_path):
-    clip = preprocess(repo_root() / "data_samples/synthetic_head/video.mp4", tmp_path / "clip", cfg=PreprocessConfig(size=64),
-                      progress=False)
+def test_parallel_branches_match_sequential(clip64_once, tmp_path):
+    clip = clip64_once                        # the synthetic head at 64x64, preprocessed once per session: read only
     cfg = cpu_demo_train_config(face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60,
                                 ckpt_every=10, log_every=5)
     seq = train(clip, tmp_path / "seq", cfg, device="cpu", progress=False)

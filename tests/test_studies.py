@@ -5,8 +5,6 @@ import json, subprocess, sys
 import numpy as np
 import pytest
 
-from talkinggs.samples import repo_root
-from talkinggs.preprocess import preprocess, PreprocessConfig
 from talkinggs.clip import FrameStore
 from talkinggs.studies import fewshot, fewshot_split
 
@@ -20,9 +18,8 @@ def cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "talkinggs", "study", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_fewshot_two_rows_two_lengths_and_the_command(tmp_path):
-    clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
-                      cfg=PreprocessConfig(size=64), progress=False)
+def test_fewshot_two_rows_two_lengths_and_the_command(clip64_once, tmp_path):
+    clip = clip64_once                        # the synthetic head at 64x64, preprocessed once per session: read only
     out = tmp_path / "fs"
     res = fewshot(clip, out, lengths=(1,), test_seconds=1, rows=["table4_appearance", "table4_one_field"], devices=["cpu"], base=TINY,
                   train_frames=4)                                                  # two rows, one length: CI time

@@ -254,14 +254,11 @@ def test_retrain_panel_button_runs_and_updates(clip):
 
 
 # ---------------------------------------------------------------- a trained head (chapter 30) in the explorer
-def test_model_traces_of_a_trained_head_save_load_and_explore(tmp_path):
-    from talkinggs.samples import repo_root
-    from talkinggs.preprocess import preprocess, PreprocessConfig
+def test_model_traces_of_a_trained_head_save_load_and_explore(clip64_once, tmp_path):
     from talkinggs.train import train, cpu_demo_train_config
     from talkinggs.model import model_store
     from talkinggs.traces import model_traces, save_traces, load_traces, lip_gap_correlation
-    clip = preprocess(repo_root() / "data_samples" / "synthetic_head" / "video.mp4", tmp_path / "clip64",
-                      cfg=PreprocessConfig(size=64), progress=False)
+    clip = clip64_once                        # the synthetic head at 64x64, preprocessed once per session: read only
     cfg = cpu_demo_train_config(face_iters=30, mouth_iters=6, fused_iters=2, face_points=400, mouth_points=50)
     head = train(clip, tmp_path / "run", cfg, device="cpu", progress=False)
     store = model_store(head, clip)
