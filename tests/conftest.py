@@ -58,3 +58,19 @@ def clip64_copy(clip64_once, tmp_path_factory):
     def copy(name: str = "clip64"):
         return Path(shutil.copytree(clip64_once, tmp_path_factory.mktemp("synthetic") / name))
     return copy
+
+
+@pytest.fixture
+def cli(capsys):
+    "`talkinggs ARGV` in this process, as a function of ARGV: its exit status, stdout and stderr."
+    from talkinggs.cli import main
+
+    def run(argv) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

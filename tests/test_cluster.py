@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from talkinggs.cli import main
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[cluster]" ([dev] has it too)')
 
@@ -22,31 +21,20 @@ def cluster():
     ray.shutdown()
 
 
-def run(argv, capsys) -> tuple[int, str, str]:
-    "`talkinggs ARGV` in this process: its exit status, stdout and stderr."
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def table_rows(md: str) -> list[str]:
     "The row names of an ablation.md table."
     return [line.split("|")[1].strip() for line in md.splitlines()[2:] if line.startswith("| ")]
 
 
-def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_once, tmp_path, capsys):
+def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_once, tmp_path, cli):
     "Two rows side by side on the two CPUs, the clip shipped with the tasks; then the same rows by path: reused."
     from talkinggs.studies import fewshot_split
     # a view of the clip (links to its files) tested on its last 3 frames: the test poses' correction is most of a row
     view = fewshot_split(clip64_once, tmp_path / "view", train_seconds=4, test_seconds=0.12)
     out, clip = tmp_path / "abl", str(view.resolve())
     before = set(Path(tempfile.gettempdir()).glob("talkinggs_data_*"))
-    code, table, err = run(["ablate", view, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
-                            "--cluster", "ray", "--ship_data"], capsys)
+    code, table, err = cli(["ablate", view, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
+                            "--cluster", "ray", "--ship_data"])
     assert code == 0, err
     rows = [json.loads((out / f"{r}_s0" / "row.json").read_text()) for r in ("baseline", "no_lip_term")]
     assert [r["row"] for r in rows] == ["baseline", "no_lip_term"]
@@ -65,8 +53,8 @@ def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_
     assert set(Path(tempfile.gettempdir()).glob("talkinggs_data_*")) == before
     # the same rows, the data read by its path on the node: the same rows, reused
     stamps = [(out / f"{r}_s0" / "row.json").stat().st_mtime_ns for r in ("baseline", "no_lip_term")]
-    code, table, err = run(["ablate", view, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
-                            "--cluster", "ray"], capsys)
+    code, table, err = cli(["ablate", view, "--out", out, "--rows", "baseline,no_lip_term", "--config", TINY_FLAG,
+                            "--cluster", "ray"])
     assert code == 0 and table_rows(table) == ["baseline", "no_lip_term"], err
     assert [(out / f"{r}_s0" / "row.json").stat().st_mtime_ns for r in ("baseline", "no_lip_term")] == stamps
 
@@ -121,10 +109,10 @@ def test_ctrl_c_cancels_the_tasks_which_save_their_checkpoints_and_exits_130(clu
     (["--cluster", "ray:/gpu-a:10001"], "--cluster takes ray"),
     (["--cluster", "ray", "NO_RAY"], 'pip install -e ".[cluster]"'),
 ])
-def test_cluster_flags_are_checked_before_anything_is_written(flags, needle, clip64_once, tmp_path, capsys, monkeypatch):
+def test_cluster_flags_are_checked_before_anything_is_written(flags, needle, clip64_once, tmp_path, cli, monkeypatch):
     if "NO_RAY" in flags:
         monkeypatch.setitem(sys.modules, "ray", None)                # Ray not installed: `import ray` fails
         flags = flags[:-1]
-    code, _, err = run(["ablate", clip64_once, "--out", tmp_path / "abl", "--rows", "baseline", *flags], capsys)
+    code, _, err = cli(["ablate", clip64_once, "--out", tmp_path / "abl", "--rows", "baseline", *flags])
     lines = [s for s in err.splitlines() if s.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and not (tmp_path / "abl").exists(), err

@@ -3,7 +3,7 @@ writers, Ctrl-C / SIGTERM and a clip too short for the study (chapters 33, 34, 9
 
 Most tests train nothing: their data folder is a bare meta.json (so a row that starts fails at once, loading frames)
 or their rows are made by hand in the format `run_row` writes. Only the two stop tests train, on the synthetic head."""
-import dataclasses, json, os, signal, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,25 +12,13 @@ import torch
 
 from talkinggs.ablation import ROWS, row_config
 from talkinggs.bookkeeping import data_checksum
-from talkinggs.cli import main
 from talkinggs.samples import repo_root
-from talkinggs.train_config import TrainConfig, resolve_config
+from talkinggs.train_config import resolve_config
 
 VIDEO = repo_root() / "data_samples" / "synthetic_head" / "video.mp4"
 TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
             densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
 TINY_FLAG = ",".join(f"{k}={v}" for k, v in TINY.items())
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    "`talkinggs ARGV` in this process: its exit status, stdout and stderr."
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str, *needles) -> None:
@@ -66,40 +54,39 @@ def made_row(out: Path, data: Path, name: str = "baseline", **changes) -> Path:
 
 
 # 1. a rerun into the same --out
-def test_rerun_reuses_a_row_only_with_the_same_config_and_data(fake, tmp_path, capsys):
+def test_rerun_reuses_a_row_only_with_the_same_config_and_data(fake, tmp_path, cli):
     out = tmp_path / "A"
     folder = made_row(out, fake)
     stamp = (folder / "row.json").stat().st_mtime_ns
-    code, table, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, table, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG])
     assert code == 0 and "| baseline | 0 | 20.50 |" in table, err                       # the same: read back
     other = tmp_path / "fake2"
     other.mkdir()
     meta = json.loads((fake / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps(meta | dict(sample_rate=22050)))          # other data
-    code, table, err = run(["ablate", other, "--out", out, "--rows", "baseline", "--config", f"{TINY_FLAG},random_bg=true"],
-                           capsys)
+    code, table, err = cli(["ablate", other, "--out", out, "--rows", "baseline", "--config", f"{TINY_FLAG},random_bg=true"])
     assert code == 2 and not table
     one_line(err, f"{folder} was made with random_bg=False (now True), data {fake.resolve()} (now {other.resolve()})",
              "--redo")
-    code, _, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", f"{TINY_FLAG},face_iters=31"], capsys)
+    code, _, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", f"{TINY_FLAG},face_iters=31"])
     assert code == 2
     one_line(err, "face_iters=30 (now 31)")
     (fake / "audio_feats.npy").write_bytes(b"new")                                        # the same folder, new content
-    code, _, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, _, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG])
     assert code == 2
     one_line(err, f"data {fake.resolve()} (its files changed since)")
     assert (folder / "row.json").stat().st_mtime_ns == stamp and not (folder / "lock.json").exists()
     # --redo: the row is deleted and trained again (here it fails at once: the folder has no frames)
-    code, table, err = run(["ablate", other, "--out", out, "--rows", "baseline", "--redo", "--config", TINY_FLAG], capsys)
+    code, table, err = cli(["ablate", other, "--out", out, "--rows", "baseline", "--redo", "--config", TINY_FLAG])
     assert code == 1 and not (folder / "row.json").exists() and (folder / "error.txt").is_file(), err
 
 
-def test_a_failed_row_is_tried_again_with_the_config_given_now(fake, tmp_path, capsys):
+def test_a_failed_row_is_tried_again_with_the_config_given_now(fake, tmp_path, cli):
     out = tmp_path / "A"
     folder = made_row(out, fake, face_iters=31)
     (folder / "row.json").unlink()
     (folder / "error.txt").write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
-    code, _, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, _, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG])
     # tried again from scratch with face_iters=30: its old run (face_iters=31) is gone, the new error is a new one
     assert code == 1 and not (folder / "run" / "config.json").exists(), err
     first = (folder / "error.txt").read_text().splitlines()[0]
@@ -107,10 +94,10 @@ def test_a_failed_row_is_tried_again_with_the_config_given_now(fake, tmp_path, c
 
 
 # 2. every row failed; devices and configs checked first
-def test_failed_rows_are_listed_marked_and_exit_1(fake, tmp_path, capsys):
+def test_failed_rows_are_listed_marked_and_exit_1(fake, tmp_path, cli):
     out = tmp_path / "A"
-    code, table, err = run(["ablate", fake, "--out", out, "--rows", "baseline,random_bg", "--devices", "cpu",
-                            "--config", TINY_FLAG], capsys)
+    code, table, err = cli(["ablate", fake, "--out", out, "--rows", "baseline,random_bg", "--devices", "cpu",
+                            "--config", TINY_FLAG])
     lines = err.splitlines()
     assert code == 1 and "2 row(s) failed" in lines[0] and "Traceback" not in err, err
     firsts = [(out / f"{r}_s0" / "error.txt").read_text().splitlines()[0] for r in ("baseline", "random_bg")]
@@ -118,8 +105,8 @@ def test_failed_rows_are_listed_marked_and_exit_1(fake, tmp_path, capsys):
     assert f"| baseline | 0 | failed: {firsts[0]} |" in table
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["rows"] == [] and [f["row"] for f in saved["failed"]] == ["baseline", "random_bg"]
-    code, table, err = run(["study", "fewshot", fake, "--out", tmp_path / "S", "--lengths", "1", "--test_seconds", "1",
-                            "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, table, err = cli(["study", "fewshot", fake, "--out", tmp_path / "S", "--lengths", "1", "--test_seconds", "1",
+                            "--rows", "baseline", "--config", TINY_FLAG])
     assert code == 1 and "1 row(s) failed" in err and "| 1 | baseline | 0 | failed: " in table, err
     study = json.loads((tmp_path / "S" / "fewshot.json").read_text())
     assert study["failed"][0]["train_seconds_clip"] == 1 and study["failed"][0]["error"] in err
@@ -133,17 +120,17 @@ def test_failed_rows_are_listed_marked_and_exit_1(fake, tmp_path, capsys):
     (["study", "fewshot", "{fake}", "--lengths", "1,1", "--test_seconds", "1"], "1 s is given twice"),
     (["study", "ablation", "{fake}", "--seeds", "1.5"], "--seeds takes comma-separated ints"),
 ])
-def test_bad_arguments_are_one_line_before_any_work(fake, tmp_path, capsys, argv, needle):
+def test_bad_arguments_are_one_line_before_any_work(fake, tmp_path, cli, argv, needle):
     out = tmp_path / "out"
-    code, _, err = run([a.format(fake=fake) for a in argv] + ["--out", out], capsys)
+    code, _, err = cli([a.format(fake=fake) for a in argv] + ["--out", out])
     assert code == 2, err
     one_line(err, needle)
     assert not out.exists()
 
 
-def test_cuda_devices(fake, tmp_path, capsys, monkeypatch):
+def test_cuda_devices(fake, tmp_path, cli, monkeypatch):
     if not torch.cuda.is_available():
-        code, _, err = run(["ablate", fake, "--out", tmp_path / "out", "--devices", "cuda"], capsys)
+        code, _, err = cli(["ablate", fake, "--out", tmp_path / "out", "--devices", "cuda"])
         assert code == 2 and not (tmp_path / "out").exists()
         one_line(err, "sees no CUDA GPU")
     from talkinggs.core import check_devices
@@ -155,28 +142,28 @@ def test_cuda_devices(fake, tmp_path, capsys, monkeypatch):
 
 
 # 3. two writers
-def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(fake, tmp_path, capsys):
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(fake, tmp_path, cli):
     out = tmp_path / "A"
     folder = made_row(out, fake)
     lock = folder / "lock.json"
     lock.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))         # a live holder: this test
-    code, _, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, _, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG])
     assert code == 2 and lock.exists()
     one_line(err, f"(pid {os.getpid()} on {socket.gethostname()})", "wait for it")
     lock.write_text(json.dumps(dict(pid=2**22 + 1, host=socket.gethostname())))           # above any pid: long gone
-    code, table, err = run(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG], capsys)
+    code, table, err = cli(["ablate", fake, "--out", out, "--rows", "baseline", "--config", TINY_FLAG])
     assert code == 0 and "| baseline | 0 | 20.50 |" in table and not lock.exists(), err
 
 
 # 5. nothing half-written
-def test_fewshot_checks_seeds_and_a_short_video_before_writing(fake, tmp_path, capsys):
+def test_fewshot_checks_seeds_and_a_short_video_before_writing(fake, tmp_path, cli):
     from talkinggs.studies import fewshot
     for seeds in (("x",), (1.5,), (-1,)):
         with pytest.raises(ValueError, match="whole numbers"):
             fewshot(fake, tmp_path / "S", lengths=(1,), test_seconds=1, rows=["baseline"], seeds=seeds, devices=["cpu"])
         assert not (tmp_path / "S").exists()
     t0 = time.time()
-    code, _, err = run(["study", "fewshot", VIDEO, "--out", tmp_path / "S"], capsys)      # a 5 s video, 40 s needed
+    code, _, err = cli(["study", "fewshot", VIDEO, "--out", tmp_path / "S"])      # a 5 s video, 40 s needed
     assert code == 2 and not (tmp_path / "S").exists() and time.time() - t0 < 20          # refused before preprocessing
     one_line(err, "the clip is 5.1 s", "need 40 s", "shorter --lengths")
 
