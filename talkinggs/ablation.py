@@ -243,7 +243,7 @@ def local_pool(jobs: list[tuple],     # (data, ablation folder, row name, seed, 
                devices: list[str],    # one worker each (a device named twice: two)
                base: dict | None, train_frames: int, static: bool, novel: str | None, redo: bool) -> None:
     "The default pool: one worker process (`run_row`) per entry of `devices` on this machine, all on one queue."
-    if any(d.startswith("cuda") for d in devices): build_gsplat(next(d for d in devices if d.startswith("cuda")))
+    if (gpu := next((d for d in devices if d.startswith("cuda")), None)) is not None: build_gsplat(gpu)
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -5,6 +5,7 @@
 # %% ../nbs/34_studies.ipynb #b22aa799
 from __future__ import annotations
 import json, os, shutil
+from collections.abc import Callable
 from pathlib import Path
 from .core import check_devices
 from .bookkeeping import atomic_write_text, take_lock
@@ -122,7 +123,7 @@ def fewshot(source: str | Path,                   # a video (preprocessed once i
             preprocess_cfg=None,                  # PreprocessConfig when `source` is a video
             static: bool = False,                 # also evaluate each run's static model (the table does not use it)
             redo: bool = False,                   # train again runs made with another config or data (else: refused)
-            pool=None,                            # who trains the runs (chapter 33's `run_jobs`; 33a: a Ray cluster)
+            pool: Callable | None = None,         # who trains the runs (chapter 33's `run_jobs`; 33a: a Ray cluster)
            ) -> list[dict]:
     "Train every row on the first 10/15/20 s of one clip, test all on the same unseen tail: fewshot.json, .md and .png."
     out, source = Path(out), Path(source)
