@@ -64,7 +64,7 @@ ROWS: dict[str, Row] = {r.name: r for r in [
     Row("phones", "the mouth: phones heard by PocketSphinx drive the fields instead of the log-mel (chapter 15a)",
         dict(audio_features="phones")),
     Row("phones_mel", "the mouth: phones and the log-mel side by side", dict(audio_features="both")),
-    Row("random_bg_phones", "random_bg and phones together", dict(random_bg=True, audio_features="phones")),
+    Row("random_bg_phones_mel", "random_bg and phones_mel together", dict(random_bg=True, audio_features="both")),
     Row("av_align", "the mouth: the clip's audio moved by the lag found between its sound and its lips (chapter 15a)",
         dict(align_audio=True)),
 ]}
@@ -75,7 +75,7 @@ ROW_GROUPS = {   # a name that stands for several rows
     # the three methods side by side
     "methods": ["baseline", *(r.name for r in method_rows("methods"))],
     # what the mouth is driven by and trained over
-    "mouths": ["baseline", "phones", "phones_mel", "random_bg", "random_bg_phones", "av_align"],
+    "mouths": ["baseline", "phones", "phones_mel", "random_bg", "random_bg_phones_mel", "av_align"],
 }
 
 def expand_rows(rows: list[str]) -> list[str]:
