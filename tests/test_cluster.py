@@ -27,7 +27,8 @@ def table_rows(md: str) -> list[str]:
 
 
 def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_once, tmp_path, cli):
-    "Two rows side by side on the two CPUs, the clip shipped with the tasks; then the same rows by path: reused."
+    """Two rows side by side on the two CPUs, the clip shipped with the tasks; the local path gives their numbers; then
+    the same rows by path: reused."""
     from talkinggs.studies import fewshot_split
     # a view of the clip (links to its files) tested on its last 3 frames: the test poses' correction is most of a row
     view = fewshot_split(clip64_once, tmp_path / "view", train_seconds=4, test_seconds=0.12)
