@@ -7,11 +7,9 @@ import torch
 
 from talkinggs.ablation import ROWS, Row, ablate, row_config, read_rows
 from talkinggs.train import TrainConfig
+from tiny import TINY   # tests/tiny.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # fixture in conftest.py
-
-TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
-            densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
 
 
 @pytest.fixture(scope="module")

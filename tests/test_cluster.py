@@ -4,13 +4,10 @@ import json, os, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import pytest
+from tiny import TINY_FLAG   # tests/tiny.py
 
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[cluster]" ([dev] has it too)')
-
-TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
-            densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
-TINY_FLAG = ",".join(f"{k}={v}" for k, v in TINY.items())
 
 
 @pytest.fixture(scope="module")

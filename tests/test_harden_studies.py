@@ -14,11 +14,9 @@ from talkinggs.ablation import ROWS, row_config
 from talkinggs.bookkeeping import data_checksum
 from talkinggs.samples import repo_root
 from talkinggs.train_config import resolve_config
+from tiny import TINY, TINY_FLAG   # tests/tiny.py
 
 VIDEO = repo_root() / "data_samples" / "synthetic_head" / "video.mp4"
-TINY = dict(preset="custom", face_iters=30, mouth_iters=10, fused_iters=4, face_points=300, mouth_points=60, sh_degree=1,
-            densify_until=0.0, lpips_gamma=0.0, backend="torch", pose_refine=False, warmup_frac=0.15)
-TINY_FLAG = ",".join(f"{k}={v}" for k, v in TINY.items())
 
 
 def one_line(err: str, *needles) -> None:
