@@ -60,14 +60,17 @@ def _test_cameras(run: Path, head: TalkingHead, store: FrameStore, idx: np.ndarr
     ("Rigidly corrected cameras of the test frames, cached in run/test_cameras.pt "
      "(keyed by frames, clip and model file).")
     st = (Path(run) / "model.pt").stat()
-    key = dict(frames=[int(i) for i in idx], data=str(Path(data).resolve()), model=[st.st_size, st.st_mtime_ns])
+    steps = cfg["train"].get("test_pose_steps", 150)     # runs saved before the field corrected with 150 steps
+    key = dict(frames=[int(i) for i in idx], data=str(Path(data).resolve()), model=[st.st_size, st.st_mtime_ns],
+               steps=steps)
     path = Path(run) / "test_cameras.pt"
     if path.is_file():
         saved = load_checkpoint(path, head.device)
         if saved.get("key") == key: return saved["viewmats"]
     if progress:
         print(f"correcting the tracked poses of {len(idx)} test frames against the static face ...", file=sys.stderr)
-    vm = refine_cameras(head, store, idx, ssim_lambda=cfg["train"]["ssim_lambda"], progress=progress)  # [F, 4, 4]
+    vm = refine_cameras(head, store, idx, steps, ssim_lambda=cfg["train"]["ssim_lambda"],
+                        progress=progress)                                      # [F, 4, 4]
     atomic_save(dict(key=key, viewmats=vm.cpu()), path)
     return vm
 

@@ -30,6 +30,8 @@ class TrainConfig:
     pose_iters: int | None = None    # stage-0 iterations (None: 10 per training frame, 2,000 to 3,000)
     pose_lr: float = 2e-4            # Adam lr of the corrections: radians, and head-box half-sides (ours)
     pose_start: float = 0.1          # share of stage 0 fitting the throwaway head before the poses move (ours)
+    # Adam steps of the rigid pose correction of each unseen frame in `evaluate` (chapter 26; ours: 150)
+    test_pose_steps: int = 150
     # the face branch keeps correcting the training cameras (camera optimisation of gsplat's simple trainer; ours here)
     pose_joint: bool = False
     incremental_sampling: bool = True  # Eq. 6 windows (False: frames drawn uniformly, Table 4's "w/o IS")
@@ -104,7 +106,8 @@ def _check(cfg: TrainConfig) -> None:
     check_audio_features(cfg.audio_features)
     if cfg.audio_features != "mel" and phones_missing(): raise ValueError(phones_missing())
     at_least = dict(face_iters=1, mouth_iters=1, fused_iters=0, torso_iters=0, pose_iters=int(cfg.pose_refine),
-                    ckpt_every=1, log_every=1, face_points=1, mouth_points=1, static_batch=1, sh_interval=1)
+                    ckpt_every=1, log_every=1, face_points=1, mouth_points=1, static_batch=1, sh_interval=1,
+                    test_pose_steps=1)
     for name, low in at_least.items():
         if getattr(cfg, name) < low: raise ValueError(f"{name} must be at least {low}, got {getattr(cfg, name)}")
     if not 0 <= cfg.sh_degree <= 3: raise ValueError(f"sh_degree must be 0 to 3 (3DGS: 3), got {cfg.sh_degree}")

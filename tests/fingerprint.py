@@ -39,7 +39,8 @@ if not (data / "meta.json").exists():
     preprocess(HEAD / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=False)
 
 def h(x):
-    if isinstance(x, torch.Tensor): return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    if isinstance(x, torch.Tensor):
+        return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     if isinstance(x, dict): return {k: h(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
     if isinstance(x, (list, tuple)): return [h(v) for v in x]
     return repr(x)[:200]
@@ -50,11 +51,13 @@ def files(run):
         p = run / name
         if p.exists():
             c = load_checkpoint(p, "cpu")
-            fp[name] = h({k: v for k, v in c.items() if k not in ("versions", "time", "created")}) if isinstance(c, dict) else h(c)
+            fp[name] = (h({k: v for k, v in c.items() if k not in ("versions", "time", "created")})
+                        if isinstance(c, dict) else h(c))
     if (run / "metrics.csv").exists():
         rows = list(csv.DictReader(open(run / "metrics.csv")))
         vals = lambda rs: [{k: (v if k == "stage" else float(v)) for k, v in r.items() if k != "seconds"} for r in rs]
-        fp["metrics"] = hashlib.sha256(json.dumps(vals([r for r in rows if r["stage"] != "torso"])).encode()).hexdigest()[:16]
+        fp["metrics"] = hashlib.sha256(
+            json.dumps(vals([r for r in rows if r["stage"] != "torso"])).encode()).hexdigest()[:16]
         fp["metrics_n"] = len([r for r in rows if r["stage"] != "torso"])
         fp["metrics_torso_n"] = len([r for r in rows if r["stage"] == "torso"]) or None
     cfg = json.loads((run / "config.json").read_text())
@@ -67,7 +70,8 @@ def report(folder):
     pngs = sorted((folder / "renders").glob("*.png"))
     import cv2
     keep["renders"] = hashlib.sha256(b"".join(cv2.imread(str(p)).tobytes() for p in pngs)).hexdigest()[:16]
-    keep["errors"] = hashlib.sha256(b"".join(cv2.imread(str(p)).tobytes() for p in sorted((folder / "errors").glob("*.png")))).hexdigest()[:16]
+    keep["errors"] = hashlib.sha256(b"".join(cv2.imread(str(p)).tobytes()
+                                             for p in sorted((folder / "errors").glob("*.png")))).hexdigest()[:16]
     return keep
 
 def video_frames(path):
@@ -78,10 +82,12 @@ def video_frames(path):
 FP = {}
 cases = {
  "demo": dict(face_iters=300, mouth_iters=40, fused_iters=20),
- "stage0_joint": dict(face_iters=80, mouth_iters=20, fused_iters=6, pose_refine=True, pose_iters=40, pose_joint=True, face_points=300, mouth_points=60, log_every=5),
+ "stage0_joint": dict(face_iters=80, mouth_iters=20, fused_iters=6, pose_refine=True, pose_iters=40, pose_joint=True,
+                      face_points=300, mouth_points=60, log_every=5),
  "gstalker": dict(method="gstalker", face_iters=60, fused_iters=6, face_points=300, log_every=5, torso_iters=30),
  "gaussiantalker": dict(method="gaussiantalker", face_iters=60, fused_iters=6, face_points=300, log_every=5),
- "randombg_nois": dict(face_iters=60, mouth_iters=20, fused_iters=6, face_points=300, mouth_points=60, random_bg=True, incremental_sampling=False, log_every=5),
+ "randombg_nois": dict(face_iters=60, mouth_iters=20, fused_iters=6, face_points=300, mouth_points=60, random_bg=True,
+                       incremental_sampling=False, log_every=5),
 }
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
 for name in only:

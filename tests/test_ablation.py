@@ -1,4 +1,5 @@
-"""Tests of the ablation chapter (33) and its command: two rows of the synthetic head on the CPU, resumable, one table."""
+"""Tests of the ablation chapter (33) and its command: two rows of the synthetic head on the CPU, resumable, one
+table."""
 import json, subprocess, sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def test_rows_change_only_known_fields():
     for r in ROWS.values():
         cfg = row_config(r, seed=3)
         assert cfg.seed == 3 and all(getattr(cfg, k) == v for k, v in r.changes.items())
-    assert row_config(ROWS["table4_no_is"]).incremental_sampling is False      # (the Table 4 rows train in test_studies.py)
+    # (the Table 4 rows train in test_studies.py)
+    assert row_config(ROWS["table4_no_is"]).incremental_sampling is False
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         row_config(Row("typo", "", dict(pose_jont=True)))
 
@@ -38,11 +40,13 @@ def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
     assert [r["row"] for r in res] == ["baseline", "random_bg"]
     assert [r["config"]["random_bg"] for r in res] == [False, True]
     assert all(r["config"]["face_iters"] == 30 and r["train"]["frames"] == 6 for r in res)
-    assert all(r["test_static"]["frames"] == r["test"]["frames"] and r["test_static"]["psnr_head"] > 0 for r in res)   # the static model too
+    # the static model too
+    assert all(r["test_static"]["frames"] == r["test"]["frames"] and r["test_static"]["psnr_head"] > 0 for r in res)
     # the two rows trained different models: their test numbers differ
     assert res[0]["test"]["psnr_head"] != res[1]["test"]["psnr_head"]
     table = (out / "ablation.md").read_text().splitlines()
-    assert table[0].startswith("| row | seed | head PSNR") and "| LMD centred static |" in table[0] and [l.split("|")[1].strip() for l in table[2:4]] == ["baseline", "random_bg"]
+    assert (table[0].startswith("| row | seed | head PSNR") and "| LMD centred static |" in table[0]
+            and [l.split("|")[1].strip() for l in table[2:4]] == ["baseline", "random_bg"])
     assert json.loads((out / "ablation.json").read_text())["rows"] == res
     stamp = (out / "baseline_s0" / "row.json").stat().st_mtime_ns
     again = ablate(clip, out, rows=["baseline"], devices=["cpu"], base=TINY)
@@ -61,7 +65,8 @@ def test_two_rows_one_table_and_no_retraining(clip, tmp_path):
 
 def test_cli_refuses_bad_rows_and_missing_data_without_writing(tmp_path):
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "talkinggs", "ablate", *a], capture_output=True, text=True, cwd=tmp_path)
+        return subprocess.run([sys.executable, "-m", "talkinggs", "ablate", *a], capture_output=True, text=True,
+                              cwd=tmp_path)
     r = run(str(tmp_path / "nodata"), "--out", "abl")
     assert r.returncode == 2 and "not a preprocessed clip" in r.stderr and not (tmp_path / "abl").exists()
     r = run(str(tmp_path), "--rows", "baseline,nope", "--out", "abl")

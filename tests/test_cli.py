@@ -11,5 +11,6 @@ def test_bench_render_cli_prints_numbers():
 
 
 def test_unknown_command_is_a_clear_error():
-    r = subprocess.run([sys.executable, "-c", "from talkinggs.cli import main; main()", "nope"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", "from talkinggs.cli import main; main()", "nope"],
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "unknown command 'nope'" in r.stderr

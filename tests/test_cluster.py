@@ -42,7 +42,8 @@ def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_
     assert table_rows(table) == ["baseline", "no_lip_term"] and table == (out / "ablation.md").read_text() + "\n"
     assert json.loads((out / "ablation.json").read_text())["rows"] == rows
     done = [line for line in err.splitlines() if line.startswith("[")]          # one line per task as it ends
-    assert sorted(line[:5] for line in done) == ["[1/2]", "[2/2]"] and all(line.endswith(": done") for line in done), err
+    assert (sorted(line[:5] for line in done) == ["[1/2]", "[2/2]"]
+            and all(line.endswith(": done") for line in done)), err
     assert not list(out.glob("*/lock.json")) and not list(out.glob("*/error.txt"))
     # the local path on the same rows gives the same numbers (the CPU is deterministic; a Ray worker's one thread sums
     # in another order: 1e-5 dB measured on the synthetic head)
@@ -66,9 +67,11 @@ def test_two_rows_as_tasks_one_table_and_a_rerun_trains_nothing(cluster, clip64_
 
 
 def test_a_row_failing_in_its_task_is_reported_and_exits_1(cluster, tmp_path):
-    fake = tmp_path / "fake"                   # passes every check before training, but has no frames: fails in the task
+    # passes every check before training, but has no frames: fails in the task
+    fake = tmp_path / "fake"
     fake.mkdir()
-    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000, split=dict(train=[0, 114], test=[114, 126]))
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
+                split=dict(train=[0, 114], test=[114, 126]))
     (fake / "meta.json").write_text(json.dumps(meta))
     out = tmp_path / "abl"
     env = os.environ | dict(RAY_ADDRESS=cluster)   # a second driver: the command connects to the running cluster
@@ -88,7 +91,8 @@ def test_ctrl_c_cancels_the_tasks_which_save_their_checkpoints_and_exits_130(clu
     long = f"{TINY_FLAG},face_iters=100000,ckpt_every=1"
     env = os.environ | dict(RAY_ADDRESS=cluster)
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "ablate", str(clip64_once), "--out", str(out),
-                          "--rows", "baseline", "--config", long, "--cluster", "ray"], stderr=subprocess.PIPE, text=True,
+                          "--rows", "baseline", "--config", long, "--cluster", "ray"],
+                         stderr=subprocess.PIPE, text=True,
                          env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a terminal
     ckpt = out / "baseline_s0" / "run" / "face.ckpt.pt"
     try:

@@ -24,7 +24,8 @@ def test_projection_of_points_on_axes():
     uv, z = project_points(torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), vm, K)
     assert torch.allclose(uv[0, 0], torch.tensor([50.0, 40.0]), atol=1e-4)
     # fov 90 -> f = 50 px; a point 1 unit up at depth 2 lands 25 px above the centre
-    assert torch.allclose(uv[0, 1], torch.tensor([50.0, 15.0]), atol=1e-4) and torch.allclose(z, torch.full((1, 2), 2.0))
+    assert (torch.allclose(uv[0, 1], torch.tensor([50.0, 15.0]), atol=1e-4)
+            and torch.allclose(z, torch.full((1, 2), 2.0)))
 
 
 def test_orbit_and_quaternions():

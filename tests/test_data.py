@@ -15,7 +15,8 @@ from talkinggs.clip import TalkingDataset
 from talkinggs.features import align_length, load_openface_aus, AU_NAMES
 
 KATIE = find_sample("hdtf_katie_8s.mp4")
-needs_katie = pytest.mark.skipif(KATIE is None, reason="hdtf_katie_8s.mp4 not found (set TALKINGGS_DATA or put ../shared/data beside the checkout)")
+needs_katie = pytest.mark.skipif(KATIE is None, reason="hdtf_katie_8s.mp4 not found (set TALKINGGS_DATA or put "
+                                                       "../shared/data beside the checkout)")
 
 
 def ffmpeg(*args):
@@ -159,7 +160,7 @@ def test_katie_end_to_end(tmp_path):
     seconds = time.perf_counter() - t
     meta = json.loads((out / "meta.json").read_text())
     print(f"8 s clip preprocessed in {seconds:.1f} s; meta {meta['seconds']}")
-    assert seconds <= 60                                      # acceptance is 20 s on 2 idle cores; CI machines are shared
+    assert seconds <= 60   # acceptance is 20 s on 2 idle cores; CI machines are shared
     assert meta["n_frames"] == 200 and meta["split"] == {"train": [0, 181], "test": [181, 200]}
     assert meta["landmarks_found"] >= 0.99
     assert meta["reprojection_rms_px"] <= 2.0
@@ -302,7 +303,8 @@ def test_get_sample_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     "A sample not on this machine is fetched into the cache, checked by sha256; a bad download never lands there."
     import talkinggs.samples as D
     src = tmp_path / "remote.bin"; src.write_bytes(b"a sample clip" * 100)
-    monkeypatch.setenv("TALKINGGS_DATA", str(tmp_path / "empty")); monkeypatch.setenv("TALKINGGS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TALKINGGS_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("TALKINGGS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(D.SAMPLES, "test_only_clip.bin", dict(url=src.as_uri(), sha256=D.sha256sum(src), facts="test"))
     got = D.get_sample("test_only_clip.bin")
     assert got == tmp_path / "cache" / "test_only_clip.bin" and got.read_bytes() == src.read_bytes()

@@ -79,8 +79,9 @@ def test_parallel_without_two_gpus_is_refused_before_any_work(tmp_path):
 
 def test_a_kill_before_the_first_checkpoint_is_one_line_and_leaves_nothing(clip64_once, tmp_path):
     run = tmp_path / "R"
-    cmd = [sys.executable, "-m", "talkinggs", "train", str(clip64_once), "--out", str(run), "--quiet", "--face_iters", "50",
-           "--mouth_iters", "5", "--fused_iters", "0", "--config", "pose_refine=false,face_points=300,mouth_points=60"]
+    cmd = [sys.executable, "-m", "talkinggs", "train", str(clip64_once), "--out", str(run), "--quiet",
+           "--face_iters", "50", "--mouth_iters", "5", "--fused_iters", "0",
+           "--config", "pose_refine=false,face_points=300,mouth_points=60"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not run.exists() and p.poll() is None and time.time() - t0 < 120: time.sleep(0.005)

@@ -30,13 +30,15 @@ def fake(tmp_path) -> Path:
     "A data folder that passes every check before training (meta.json of a 5 s clip at 25 fps) but has no frames."
     d = tmp_path / "fake"
     d.mkdir()
-    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000, split=dict(train=[0, 114], test=[114, 126]))
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
+                split=dict(train=[0, 114], test=[114, 126]))
     (d / "meta.json").write_text(json.dumps(meta))
     return d
 
 
 def made_row(out: Path, data: Path, name: str = "baseline", **changes) -> Path:
-    "A finished row as `run_row` and `train` leave it (row.json, run/config.json), trained on `data` with TINY + changes."
+    """A finished row as `run_row` and `train` leave it (row.json, run/config.json), trained on `data` with TINY +
+    changes."""
     row, base = ROWS[name], {**TINY, **changes}
     folder = out / f"{name}_s0"
     (folder / "run").mkdir(parents=True)
@@ -62,7 +64,8 @@ def test_rerun_reuses_a_row_only_with_the_same_config_and_data(fake, tmp_path, c
     other.mkdir()
     meta = json.loads((fake / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps(meta | dict(sample_rate=22050)))          # other data
-    code, table, err = cli(["ablate", other, "--out", out, "--rows", "baseline", "--config", f"{TINY_FLAG},random_bg=true"])
+    code, table, err = cli(["ablate", other, "--out", out, "--rows", "baseline", "--config",
+                            f"{TINY_FLAG},random_bg=true"])
     assert code == 2 and not table
     one_line(err, f"{folder} was made with random_bg=False (now True), data {fake.resolve()} (now {other.resolve()})",
              "--redo")
@@ -189,7 +192,8 @@ def gone(pid: int, seconds: float = 10) -> bool:
     while time.time() - t0 < seconds:
         try: os.kill(pid, 0)
         except ProcessLookupError: return True
-        if Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        if (Path(f"/proc/{pid}/stat").is_file()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"):
             return True                                                                    # a zombie: it has ended
         time.sleep(0.1)
     return False
@@ -199,8 +203,9 @@ def stop_mid_run(clip, out, devices, sig, rows=("baseline", "random_bg"), wait_f
     "Start `talkinggs ablate` on long rows, send `sig` once `wait_for` rows have a checkpoint; (exit status, stderr)."
     long = f"{TINY_FLAG},face_iters=100000,ckpt_every=1"
     env = os.environ | dict(OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "talkinggs", "ablate", str(clip), "--out", str(out), "--rows", ",".join(rows),
-                          "--devices", devices, "--config", long], stderr=subprocess.PIPE, text=True, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "talkinggs", "ablate", str(clip), "--out", str(out),
+                          "--rows", ",".join(rows), "--devices", devices, "--config", long],
+                         stderr=subprocess.PIPE, text=True, env=env,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # Ctrl-C as in a terminal,
                                                                     # even when the tests run as a background job
     try:

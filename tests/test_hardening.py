@@ -23,8 +23,9 @@ def clip(clip64_once):
 
 
 def tiny(**changes):
-    return cpu_demo_train_config(**{**dict(face_iters=20, mouth_iters=6, fused_iters=2, face_points=200, mouth_points=40,
-                                           ckpt_every=5, log_every=5), **changes})
+    return cpu_demo_train_config(**{**dict(face_iters=20, mouth_iters=6, fused_iters=2, face_points=200,
+                                           mouth_points=40, ckpt_every=5, log_every=5, test_pose_steps=10),
+                                    **changes})
 
 
 def cli(*args, cwd=None):
@@ -56,7 +57,8 @@ def test_train_names_a_broken_or_incomplete_meta_json_and_leaves_no_run(clip, tm
     data = Path(shutil.copytree(clip, tmp_path / "data"))
     meta = json.loads((data / "meta.json").read_text()); del meta["split"]
     (data / "meta.json").write_text(json.dumps(meta))
-    one_line_error(cli("train", data, "--out", tmp_path / "run", "--device", "cpu"), "meta.json lacks split", "preprocess")
+    one_line_error(cli("train", data, "--out", tmp_path / "run", "--device", "cpu"), "meta.json lacks split",
+                   "preprocess")
     (data / "meta.json").write_text("{ not json")
     one_line_error(cli("train", data, "--out", tmp_path / "run", "--device", "cpu"), "meta.json is not valid JSON")
     assert not (tmp_path / "run").exists()
@@ -85,7 +87,8 @@ def test_unknown_preset_is_refused_before_loading(clip, tmp_path):
 def test_truncated_checkpoint_on_resume_names_the_file(clip, run, tmp_path):
     run = Path(shutil.copytree(run, tmp_path / "run"))          # a copy of the module's run: train(clip, run, tiny())
     ck = run / "face.ckpt.pt"; raw = ck.read_bytes(); ck.write_bytes(raw[: len(raw) // 3])
-    one_line_error(cli("train", clip, "--out", run, "--resume", "--device", "cpu"), "face.ckpt.pt cannot be read", "delete it")
+    one_line_error(cli("train", clip, "--out", run, "--resume", "--device", "cpu"), "face.ckpt.pt cannot be read",
+                   "delete it")
     (run / "config.json").write_text("{ broken")
     one_line_error(cli("train", clip, "--out", run, "--resume", "--device", "cpu"), "config.json is not valid JSON")
 
@@ -98,12 +101,15 @@ def test_run_inside_its_data_folder_can_be_resumed(clip, tmp_path):
 
 def test_config_json_records_whether_the_fused_stage_had_lpips(clip, run, tmp_path):
     from talkinggs.metrics import lpips_or_none
-    assert tiny().lpips_gamma == 0.0                              # the module's run: train(clip, run, tiny()), LPIPS off
+    # the module's run: train(clip, run, tiny()), LPIPS off
+    assert tiny().lpips_gamma == 0.0
     assert json.loads((run / "config.json").read_text())["fused_lpips"] is None
-    if lpips_or_none("cpu", quiet=True) is not None: pytest.skip("lpips and its weights are installed here: the unavailable case cannot be shown")
+    if lpips_or_none("cpu", quiet=True) is not None:
+        pytest.skip("lpips and its weights are installed here: the unavailable case cannot be shown")
     train(clip, tmp_path / "on", tiny(lpips_gamma=0.5), device="cpu", progress=False)
     info = json.loads((tmp_path / "on" / "config.json").read_text())
-    assert info["train"]["lpips_gamma"] == 0.5 and info["fused_lpips"] is False and "without its LPIPS term" in info["fused_note"]
+    assert (info["train"]["lpips_gamma"] == 0.5 and info["fused_lpips"] is False
+            and "without its LPIPS term" in info["fused_note"])
 
 
 # ---------------------------------------------------------------- render
@@ -117,7 +123,8 @@ def run(clip, tmp_path_factory):
 
 
 def test_render_checks_its_arguments_before_any_work(run, tmp_path):
-    one_line_error(cli("render", run, "--out", tmp_path / "a.mp4", "--background", "green"), "background must be one of", "'green'")
+    one_line_error(cli("render", run, "--out", tmp_path / "a.mp4", "--background", "green"),
+                   "background must be one of", "'green'")
     one_line_error(cli("render", run, "--out", tmp_path / "nodir" / "a.mp4"), "folder", "nodir", "does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -136,14 +143,16 @@ def test_render_stopped_by_a_signal_leaves_nothing(run, tmp_path, sig):
     wav = tmp_path / "long.wav"
     wavfile.write(wav, 16000, (np.random.default_rng(0).standard_normal(16000 * 120) * 3000).astype(np.int16))   # 2 min
     out = tmp_path / "video" / "a.mp4"; out.parent.mkdir()
+    # Ctrl-C as in a terminal, even when the tests run in a background job (SIGINT ignored);
     p = subprocess.Popen([sys.executable, "-m", "talkinggs", "render", str(run), "--out", str(out), "--audio", str(wav),
                           "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as in a terminal, even
-    lines = []                                                     # when the tests run in a background job (SIGINT ignored);
-                                                                   # stderr as it comes (a loaded CI machine is slow)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []                                                     # stderr as it comes (a loaded CI machine is slow)
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True); reader.start()
-    t0 = time.time()                                               # stop it mid-render: after its time estimate (frame 10)
-    while not any("rendering 3000 frames" in l for l in lines) and p.poll() is None and time.time() - t0 < 120: time.sleep(0.1)
+    # stop it mid-render: after its time estimate (frame 10)
+    t0 = time.time()
+    while not any("rendering 3000 frames" in l for l in lines) and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.1)
     assert p.poll() is None and list(out.parent.glob(".*.part.mp4")), "the render ended before it could be stopped"
     p.send_signal(getattr(signal, sig))
     p.wait(timeout=60); reader.join(timeout=10)
@@ -213,7 +222,8 @@ def test_preprocess_prints_no_native_log_noise_unless_asked(tmp_path):
     quiet = cli("preprocess", VIDEO, "--out", tmp_path / "a", "--size", 64, "--quiet")
     assert quiet.returncode == 0 and "frames, landmarks in" in quiet.stdout, quiet.stderr[-2000:]
     assert "TensorFlow Lite" not in quiet.stderr and "W0000" not in quiet.stderr and "absl" not in quiet.stderr
-    assert "frame size 64 px" in quiet.stderr                                       # our own warnings still reach the user
+    # our own warnings still reach the user
+    assert "frame size 64 px" in quiet.stderr
     loud = cli("preprocess", VIDEO, "--out", tmp_path / "b", "--size", 64, "--quiet", "--verbose")
     assert loud.returncode == 0 and "TensorFlow Lite" in loud.stderr                 # the filter is what removed them
 

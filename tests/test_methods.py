@@ -26,8 +26,10 @@ def clip(clip64_once, tmp_path_factory):
 @pytest.mark.parametrize("method", ["gstalker", "gaussiantalker"])
 def test_method_trains_renders_evaluates(clip, tmp_path, method):
     run = tmp_path / method
+    # GSTalker's torso; the other: its own (none)
     cfg = cpu_demo_train_config(method=method, face_iters=40, fused_iters=4, face_points=300, log_every=5,
-                                torso_iters=30 if method == "gstalker" else None)   # GSTalker's torso; the other: its own (none)
+                                test_pose_steps=10,   # evaluation's pose correction: 10 steps, not 150 (CI time)
+                                torso_iters=30 if method == "gstalker" else None)
     train(clip, run, cfg, device="cpu", progress=False)
     assert (run / "torso.pt").is_file() == (method == "gstalker")
     head = load_head(run / "model.pt")
@@ -42,17 +44,21 @@ def test_method_trains_renders_evaluates(clip, tmp_path, method):
         assert (a["image"] - b["image"]).abs().max() < 1e-6 and "mouth" not in a
     rep = evaluate(run, device="cpu", video=False, progress=False)
     assert rep["summary"]["psnr_head"] > 5 and (run / "eval" / "report.json").exists()
+    # GSTalker: shoulders from its torso Gaussians
     out = render_video(run, tmp_path / f"{method}.mp4", device="cpu", max_frames=3, progress=False,
-                       background="model" if method == "gstalker" else "torso")   # GSTalker: shoulders from its torso Gaussians
+                       background="model" if method == "gstalker" else "torso")
     assert out["frames"] == 3 and (tmp_path / f"{method}.mp4").stat().st_size > 0
     if method == "gaussiantalker":
-        with pytest.raises(FileNotFoundError, match="no torso.pt"): render_video(run, tmp_path / "x.mp4", background="model", device="cpu")
+        with pytest.raises(FileNotFoundError, match="no torso.pt"):
+            render_video(run, tmp_path / "x.mp4", background="model", device="cpu")
     from talkinggs.traces import model_traces                       # the trace explorer's data: what the method moves
     tr = model_traces(head, store, frames=[0, 1, 2], size=32, n_other=50)
     assert tr.d_means.shape[:2] == (3, len(tr.means)) and (tr.branch == 0).all() and tr.regions["teeth"].sum() == 0
-    if method == "gaussiantalker":                                   # the one method whose motion changes colour and opacity
+    # the one method whose motion changes colour and opacity
+    if method == "gaussiantalker":
         with torch.no_grad():
-            d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.expr[5], store.viewmats[5])
+            d = head.face.motion(head.face.splats["means"], head.audio_code(head.face, store.audio, 5), store.expr[5],
+                                 store.viewmats[5])
         assert d["d_sh0"].abs().max() > 0 and d["d_opacities"].abs().max() > 0
 
 
@@ -74,8 +80,10 @@ def test_cli_train_config(clip, tmp_path):
     r = train_cli("--config", "pose_iters=many")
     assert r.returncode == 2 and "is not of type int" in r.stderr and not (tmp_path / "r").exists()
     r = train_cli("--preset", "custom", "--face_iters", "4", "--mouth_iters", "2", "--fused_iters", "2", "--config",
-                  "pose_refine=false,face_points=100,mouth_points=40,sh_degree=0,lpips_gamma=0,ssim_lambda=0.1,torso_iters=0")
+                  "pose_refine=false,face_points=100,mouth_points=40,sh_degree=0,lpips_gamma=0,ssim_lambda=0.1,"
+                  "torso_iters=0")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
-    assert cfg["face_points"] == 100 and cfg["ssim_lambda"] == 0.1 and cfg["pose_refine"] is False and cfg["face_iters"] == 4
+    assert (cfg["face_points"] == 100 and cfg["ssim_lambda"] == 0.1 and cfg["pose_refine"] is False
+            and cfg["face_iters"] == 4)
     assert cfg["torso_iters"] == 0 and not (tmp_path / "r" / "torso.pt").exists()   # an optional int field, typed

@@ -1,7 +1,6 @@
-"""Tests of talkinggs.metrics (chapter 18) and of the video writer and ping-pong frame order (chapter 12): image metrics,
-mouth landmarks and LMD, correlations, the atomic video writer, the optional LPIPS backend and the report helpers. CPU only.
-
-Tests that need the shared real clip skip with a reason when it is absent; nothing is downloaded."""
+"""Tests of talkinggs.metrics (chapter 18) and of the video writer and ping-pong frame order (chapter 12): image
+metrics, mouth landmarks and LMD, correlations, the atomic video writer, the optional LPIPS backend and the report
+helpers. CPU only. Tests that need the shared real clip skip with a reason when it is absent; nothing is downloaded."""
 import math, subprocess, sys, warnings
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from talkinggs.metrics import (psnr_masked, face_box, ssim_in_box, error_map, si
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # one torch thread on shared CI cores (conftest.py)
 KATIE = find_sample("hdtf_katie_8s.mp4")
-needs_katie = pytest.mark.skipif(KATIE is None, reason="hdtf_katie_8s.mp4 not found (set TALKINGGS_DATA or put ../shared/data beside the checkout)")
+needs_katie = pytest.mark.skipif(KATIE is None, reason="hdtf_katie_8s.mp4 not found (set TALKINGGS_DATA or put "
+                                                       "../shared/data beside the checkout)")
 SYNTH = repo_root() / "data_samples" / "synthetic_head" / "video.mp4"
 
 
@@ -145,7 +145,8 @@ def test_mouth_landmarks_synthetic_head():
         lm = mouth_landmarks(frames, video_mode=False)
     assert lm.shape == (4, len(MOUTH_IDX), 2) and lm.dtype == np.float32
     assert not np.isnan(lm).any()                                 # the face was found in every frame
-    assert ((lm >= 0) & (lm < 128)).all() and (lm[..., 1].mean() > 64)   # inside the frame, in its lower half (the mouth)
+    # inside the frame, in its lower half (the mouth)
+    assert ((lm >= 0) & (lm < 128)).all() and (lm[..., 1].mean() > 64)
     with pytest.warns(UserWarning, match="no face found in 1 of 1 frames"):
         blank = mouth_landmarks(np.zeros((1, 64, 64, 3), np.uint8))
     assert np.isnan(blank).all()
@@ -336,7 +337,8 @@ def test_summarize_and_table():
             dict(name="b", psnr=32.0, ssim=torch.tensor(0.8), lpips=None, lmd=4.0, ok=False),
             dict(psnr=None, lmd=2.0)]
     rep = summarize(rows)
-    assert rep["psnr"] == pytest.approx(31.0) and rep["ssim"] == pytest.approx(0.85) and rep["lmd"] == pytest.approx(3.0)
+    assert (rep["psnr"] == pytest.approx(31.0) and rep["ssim"] == pytest.approx(0.85)
+            and rep["lmd"] == pytest.approx(3.0))
     assert math.isnan(rep["lpips"]) and "name" not in rep and "ok" not in rep
     assert summarize([]) == {}
     t = metrics_table(rep, digits=2)

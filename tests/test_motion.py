@@ -8,9 +8,12 @@ from talkinggs.hashgrid import (HashGridConfig, HashGrid2D, TriPlaneConfig, TriP
                                 level_resolutions, collision_fraction, tcnn_available)
 from talkinggs.audio_encoder import AudioEncoder, AudioEncoderConfig, neighbour_indices
 from talkinggs.motion_field import (MotionField, face_branch_config, mouth_branch_config, single_branch_config,
-                                    appearance_config, apply_deformation, synthetic_jaw_motion, fit_motion, bench_motion)
-from talkinggs.fusion import fuse_face_mouth, fuse_alpha, composite_over, render_layer, render_face_mouth, synthetic_face_mouth
-from talkinggs.sampling import IncrementalSampler, WindowRule, lips_opening_rule, au45_rule, au25_rule, face_rules, mouth_rules
+                                    appearance_config, apply_deformation, synthetic_jaw_motion, fit_motion,
+                                    bench_motion)
+from talkinggs.fusion import (fuse_face_mouth, fuse_alpha, composite_over, render_layer, render_face_mouth,
+                              synthetic_face_mouth)
+from talkinggs.sampling import (IncrementalSampler, WindowRule, lips_opening_rule, au45_rule, au25_rule, face_rules,
+                                mouth_rules)
 from talkinggs.gaussians import init_random
 from talkinggs.core import look_at, intrinsics_from_fov
 
@@ -130,7 +133,8 @@ def test_presets_have_paper_sizes():
     assert f.encoder.planes["xy"].cfg.base_res == 16 and f.encoder.planes["xy"].cfg.finest_res == 256
     assert m.encoder.planes["xy"].cfg.base_res == 64 and m.encoder.planes["xy"].cfg.finest_res == 384
     assert f.decoder[0].out_features == 64 and m.decoder[0].out_features == 32
-    assert sum(isinstance(l, torch.nn.Linear) for l in f.decoder) == 3 == sum(isinstance(l, torch.nn.Linear) for l in m.decoder)
+    assert (sum(isinstance(l, torch.nn.Linear) for l in f.decoder) == 3
+            == sum(isinstance(l, torch.nn.Linear) for l in m.decoder))
     assert f.att_audio is not None and f.att_expr is not None and m.att_audio is None
     assert MotionField(single_branch_config()).decoder[-1].out_features == 10
 
@@ -167,7 +171,8 @@ def test_deformation_keeps_colour_and_opacity():
 
 def test_apply_deformation_adds_to_stored_params():
     s = _splats()
-    delta = dict(d_means=torch.full((300, 3), 0.1), d_scales=torch.full((300, 3), -0.2), d_quats=torch.full((300, 4), 0.05))
+    delta = dict(d_means=torch.full((300, 3), 0.1), d_scales=torch.full((300, 3), -0.2),
+                 d_quats=torch.full((300, 4), 0.05))
     d = apply_deformation(s, delta)
     assert torch.allclose(d["means"], s["means"] + 0.1) and torch.allclose(d["scales"], s["scales"] - 0.2)
     assert torch.allclose(d["quats"], s["quats"] + 0.05)
@@ -250,7 +255,8 @@ def test_sampler_window_picks_and_every_frame_sampled():
         s.step_post(st, k, f, loss=1.0)
     assert (st["counts"] > 0).all()
     assert int(st["counts"].sum()) == 2000 and abs(float(st["loss_sum"].sum()) - 2000) < 1e-9
-    assert torch.allclose(m.min(), torch.tensor(0.0, dtype=m.dtype)) and torch.allclose(m.max(), torch.tensor(1.0, dtype=m.dtype))
+    assert (torch.allclose(m.min(), torch.tensor(0.0, dtype=m.dtype))
+            and torch.allclose(m.max(), torch.tensor(1.0, dtype=m.dtype)))
     # window frames early in training have small metric, late ones large
     hist = st["history"]
     early = [float(m[f]) for k, i, f in hist if i == 0 and k < 200]
@@ -276,7 +282,8 @@ def test_hashgrid_cuda_matches_cpu():
     y_gpu = enc.to("cuda")(x.cuda())
     assert torch.allclose(y_cpu, y_gpu.cpu(), atol=1e-6)
     field = MotionField(face_branch_config(), device="cuda")
-    out = field(torch.rand(1000, 3, device="cuda") * 2 - 1, torch.randn(32, device="cuda"), torch.rand(7, device="cuda"))
+    out = field(torch.rand(1000, 3, device="cuda") * 2 - 1, torch.randn(32, device="cuda"),
+                torch.rand(7, device="cuda"))
     sum(v.sum() for k, v in out.items() if k.startswith("d_")).backward()
     assert field.encoder.planes["xy"].embeddings.grad is not None
 

@@ -115,7 +115,8 @@ def docstring_problems(doc: str | None) -> list[str]:
 def test_docstring_checker():
     assert docstring_problems("The conventions every other chapter relies on, written once and tested once.") == []
     assert docstring_problems("Read any video (25 fps, 512², e.g. from `imageio-ffmpeg`) and normalise it.") == []
-    for cut in ("A small bundle adjustment in torch: one canonical 3D face shape, a rotation and translation per frame and one",
+    for cut in ("A small bundle adjustment in torch: one canonical 3D face shape, a rotation and translation per frame "
+                "and one",
                 "The measurements (PSNR, PSNR inside the head, SSIM on the face box, LPIPS, mouth", None, "",
                 "Loss, optimiser and schedule. Adaptive density control."):
         assert docstring_problems(cut), cut

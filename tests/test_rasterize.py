@@ -7,7 +7,8 @@ from talkinggs.gaussians import init_from_points, activate
 from talkinggs.rasterize import rasterize, ALPHA_MIN
 
 F_PX, S, Z, OPACITY = 60.0, 0.04, 2.5, 0.7
-K_CENTRE = torch.tensor([[F_PX, 0, 40.5], [0, F_PX, 40.5], [0, 0, 1]])[None]  # principal point on pixel (40, 40)'s centre
+# principal point on pixel (40, 40)'s centre
+K_CENTRE = torch.tensor([[F_PX, 0, 40.5], [0, F_PX, 40.5], [0, 0, 1]])[None]
 
 
 def _one(colour=(0.3, 0.7, 0.1), **kw):
@@ -36,7 +37,8 @@ def test_two_gaussians_front_to_back_any_order():
     quats = torch.tensor([[1.0, 0, 0, 0]] * 2)
     K = intrinsics_from_fov(40, 64, 64)[None]
     a = rasterize(means, quats, scales, opac, cols, torch.eye(4)[None], K, 64, 64, backend="torch")
-    b = rasterize(means.flip(0), quats, scales.flip(0), opac.flip(0), cols.flip(0), torch.eye(4)[None], K, 64, 64, backend="torch")
+    b = rasterize(means.flip(0), quats, scales.flip(0), opac.flip(0), cols.flip(0), torch.eye(4)[None], K, 64, 64,
+                  backend="torch")
     assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
     c = a[0][0, 32, 32]                                                  # front red over back blue
     assert c[0] > c[2] and abs(a[1][0, 32, 32, 0].item() - (0.6 + 0.4 * 0.9 * math.exp(-0.5 * 0.0))) < 0.05
@@ -61,7 +63,8 @@ def test_memory_bounded_blocks_match():
     p = {k: v.detach() for k, v in activate(sc).items()}
     vm, K = orbit_viewmats(1, radius=3.0), intrinsics_from_fov(50, 128, 128)[None]
     big, a1, _ = rasterize(**p, viewmats=vm, Ks=K, width=128, height=128, sh_degree=0, backend="torch")
-    small, a2, _ = rasterize(**p, viewmats=vm, Ks=K, width=128, height=128, sh_degree=0, backend="torch", max_block_elements=1 << 16)
+    small, a2, _ = rasterize(**p, viewmats=vm, Ks=K, width=128, height=128, sh_degree=0, backend="torch",
+                             max_block_elements=1 << 16)
     assert torch.allclose(big, small, atol=1e-5) and torch.allclose(a1, a2, atol=1e-5)
 
 

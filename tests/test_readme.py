@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = "<!-- Generated from nbs/index.ipynb by `python tests/test_readme.py`: edit the notebook, not this file. -->\n\n"
+HEADER = ("<!-- Generated from nbs/index.ipynb by `python tests/test_readme.py`: "
+          "edit the notebook, not this file. -->\n\n")
 
 
 def render_readme(nb_path: Path = ROOT / "nbs" / "index.ipynb") -> str:

@@ -1,4 +1,5 @@
-"""Static fitting: CPU 64x64 reaches held-out PSNR > 25 dB within 2 minutes; GPU (gsplat) 256x256 does at least as well."""
+"""Static fitting: CPU 64x64 reaches held-out PSNR > 25 dB within 2 minutes; GPU (gsplat) 256x256 does at least as
+well."""
 import time
 import pytest
 import torch

@@ -100,6 +100,7 @@ def test_lines_are_short_and_single_statements():
 def test_checks_can_fail(tmp_path):
     "The parsers see what they look for (a check that sees nothing would always pass)."
     assert "branch_stage" in imports("bench") and "model" in imports("synthesize") and "core" in imports("gaussians")
-    text = '__all__ = ["' + "a" * 130 + '",\n    "b"]\nx = 1; y = "; in a string"  # ; in a comment\n' + "z" * 121 + "\n"
+    text = ('__all__ = ["' + "a" * 130 + '",\n    "b"]\nx = 1; y = "; in a string"  # ; in a comment\n'
+            + "z" * 121 + "\n")
     assert long_lines(text) == [4] and semicolon_lines(text) == [3]
     assert long_lines("# " + "Δ" * 60 + "\n") == [1]                              # 60 characters, 122 bytes

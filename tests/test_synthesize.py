@@ -25,7 +25,8 @@ def trained(clip64_once, tmp_path_factory):
     "A synthetic clip at 64x64 (a copy of the session's, conftest.py) and a run trained a few iterations per stage."
     d = tmp_path_factory.mktemp("synth")
     data = Path(shutil.copytree(clip64_once, d / "clip64"))
-    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80)
+    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80,
+                                test_pose_steps=10)   # evaluation's pose correction: 10 steps, not 150 (CI time)
     train(data, d / "run", cfg, device="cpu", progress=False)
     return data, d / "run"
 
@@ -106,7 +107,8 @@ def test_evaluate_reports(trained):
     import cv2
     store = FrameStore(data, "cpu", progress=False)
     i = rep["frames"][0]                                           # recomputed from the saved render and the frame
-    render = torch.from_numpy(cv2.imread(str(run / "eval" / "renders" / f"{i:06d}.png"))[..., ::-1].copy()).float() / 255
+    render = torch.from_numpy(
+        cv2.imread(str(run / "eval" / "renders" / f"{i:06d}.png"))[..., ::-1].copy()).float() / 255
     assert psnr(render, store.frame(i)["image"]).item() == pytest.approx(rep["per_frame"][0]["psnr"], abs=0.05)
     assert s["psnr"] == pytest.approx(np.mean([r["psnr"] for r in rep["per_frame"]]))
     assert len(rep["per_frame"]) == len(rep["frames"]) == 12
@@ -125,6 +127,7 @@ def test_evaluate_reports(trained):
     assert (run / "eval_static" / "report.json").exists() and st["static"] and cams.stat().st_mtime_ns == stamp
     saved = torch.load(cams)
     assert saved["key"]["frames"] == rep["frames"] and saved["viewmats"].shape == (12, 4, 4)
+    assert saved["key"]["steps"] == 10                            # the run's test_pose_steps reached the fit
 
 
 def test_evaluate_diagnosis(trained, monkeypatch):
@@ -141,7 +144,8 @@ def test_evaluate_diagnosis(trained, monkeypatch):
     assert rep["split"] == "train" and len(rep["frames"]) == 10 and set(rep["frames"]) <= set(train_idx.tolist())
     assert "no ffmpeg here" in rep["video_note"] and not (folder / "side_by_side.mp4").exists()
     saved = json.loads((folder / "report.json").read_text())
-    assert saved["video_note"] == rep["video_note"] and saved["summary"]["psnr_head"] == pytest.approx(rep["summary"]["psnr_head"])
+    assert (saved["video_note"] == rep["video_note"]
+            and saved["summary"]["psnr_head"] == pytest.approx(rep["summary"]["psnr_head"]))
     for k in REGIONS:                                         # every region scored, in dB
         assert f"psnr_{k}" in rep["per_frame"][0]
     s = rep["summary"]
@@ -168,8 +172,8 @@ def test_demo_command_runs_the_whole_job(trained, tmp_path):
     import shutil, subprocess, sys
     data, _ = trained
     shutil.copytree(data, tmp_path / "demo" / "data")                 # the demo's own step 1, done by the fixture
-    r = subprocess.run([sys.executable, "-m", "talkinggs", "demo", "--out", str(tmp_path / "demo"), "--face_iters", "20",
-                        "--quiet"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "talkinggs", "demo", "--out", str(tmp_path / "demo"),
+                        "--face_iters", "20", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     info = probe_video(tmp_path / "demo" / "demo.mp4")
     assert info.audio_codec == "aac" and info.duration > 1.0                    # driven by its speech, with sound
@@ -179,7 +183,8 @@ def test_demo_command_runs_the_whole_job(trained, tmp_path):
 
 
 def _fast_vs_reference(run, device: str, ends: bool = False) -> tuple[float, object]:
-    "Largest |reference - fast| over images and layers (first, middle, last frame, or every tenth), and the fast renderer."
+    """Largest |reference - fast| over images and layers (first, middle, last frame, or every tenth), and the fast
+    renderer."""
     from talkinggs.synthesize import FastRenderer
     from talkinggs.model import model_store
     head, d, _ = load_run(run, device)
@@ -211,7 +216,8 @@ def test_bench_report(trained, tmp_path):
     "bench_report writes one JSON with the machine, versions, per-stage training rates and both renderers' speed."
     from talkinggs.bench import bench_report
     data, _ = trained
-    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80, log_every=4)
+    cfg = cpu_demo_train_config(face_iters=60, mouth_iters=20, fused_iters=6, face_points=400, mouth_points=80,
+                                log_every=4)
     rep = bench_report(data, tmp_path / "b", cfg=cfg, device="cpu", frames=3, repeats=2)
     back = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert back["versions"]["torch"] == torch.__version__ and back["machine"].startswith("CPU")
@@ -219,7 +225,8 @@ def test_bench_report(trained, tmp_path):
     assert set(rep["infer"]) >= {"reference", "fast"} and rep["infer"]["fast"]["max_abs_diff"] < 1e-6
     assert len(back["infer"]["reference"]["runs_ms"]) == 2
     r = subprocess.run([sys.executable, "-m", "talkinggs", "bench", "report", "--path", str(tmp_path / "nothing"),
-                        "--out", str(tmp_path / "c"), "--video", str(tmp_path / "missing.mp4")], capture_output=True, text=True)
+                        "--out", str(tmp_path / "c"), "--video", str(tmp_path / "missing.mp4")],
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
 
 

@@ -95,7 +95,8 @@ def test_head_state_round_trip_renders_equal(clip):
     for t in (0, 40, store.n - 1):
         args = (store.viewmats[t], store.Ks[t], store.audio, t, store.expr[t])
         with torch.no_grad():
-            a, b = head.render(*args, background=store.frame(t)["torso_bg"]), back.render(*args, background=store.frame(t)["torso_bg"])
+            a, b = (head.render(*args, background=store.frame(t)["torso_bg"]),
+                    back.render(*args, background=store.frame(t)["torso_bg"]))
         assert (a["face"] - head.render(*args, motion=False)["face"]).abs().max() > 0   # the motion does something
         for k in ("image", "face", "mouth", "alpha"):
             assert torch.equal(a[k], b[k]), k
@@ -163,7 +164,8 @@ def test_pose_conditioned_head_trains_saves_and_renders(clip, tmp_path):
 
 
 def test_random_background_makes_opaque_black_off_the_face_cost():
-    "random_bg: an opaque black render where the face mask is off (the mouth) costs nothing over black, something over a colour."
+    """random_bg: an opaque black render where the face mask is off (the mouth) costs nothing over black, something
+    over a colour."""
     from talkinggs.branch_stage import FaceRules
     torch.manual_seed(0)
     rgb, alpha = torch.zeros(1, 8, 8, 3), torch.ones(1, 8, 8, 1)                    # opaque black everywhere
@@ -194,14 +196,16 @@ def _checkpoint_files_load(run: Path):
 
 def test_resume_after_sigkill(clip, tmp_path):
     run = tmp_path / "run"
-    changes = dict(face_iters=60, mouth_iters=12, fused_iters=6, face_points=300, mouth_points=60, ckpt_every=5, log_every=2)
+    changes = dict(face_iters=60, mouth_iters=12, fused_iters=6, face_points=300, mouth_points=60, ckpt_every=5,
+                   log_every=2)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(clip), str(run), repr(changes)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpt = run / "face.ckpt.pt"
     t0 = time.time()
     try:
         while not ckpt.exists():
-            assert proc.poll() is None, f"training exited before its first checkpoint:\n{proc.stdout.read().decode()[-2000:]}"
+            assert proc.poll() is None, (
+                f"training exited before its first checkpoint:\n{proc.stdout.read().decode()[-2000:]}")
             assert time.time() - t0 < 120, "no checkpoint after 120 s"
             time.sleep(0.05)
         time.sleep(0.3)                                      # somewhere inside the face branch, maybe mid-save
@@ -220,7 +224,8 @@ def test_resume_after_sigkill(clip, tmp_path):
     for stage, iters in (("face", 60), ("mouth", 12), ("fused", 6)):
         assert torch.load(run / f"{stage}.ckpt.pt", map_location="cpu", weights_only=False)["step"] == iters
     back = load_head(run / "model.pt")
-    assert len(back.face.splats["means"]) == len(head.face.splats["means"]) and torch.equal(back.face.splats["means"], head.face.splats["means"].cpu())
+    assert (len(back.face.splats["means"]) == len(head.face.splats["means"])
+            and torch.equal(back.face.splats["means"], head.face.splats["means"].cpu()))
     rows = read_metrics(run / "metrics.csv")
     keys = Counter((r["stage"], int(r["step"])) for r in rows)
     assert not [k for k, c in keys.items() if c > 1], "duplicated (stage, step) rows"
@@ -251,7 +256,8 @@ def lip_drop(head, store, sigma: float = 0.25) -> np.ndarray:
         w = op * np.exp(-d2 / (2 * s * s)); return w / w.sum()
     w = weights(LOWER_LIP) - weights(RIGID)
     h = head.face.motion.encoder(head.face.splats["means"])
-    return np.array([float(w @ (head.face.motion.decode(h, head.audio_code(head.face, store.audio, t), store.expr[t])["d_means"]
+    return np.array([float(w @ (head.face.motion.decode(h, head.audio_code(head.face, store.audio, t),
+                                                        store.expr[t])["d_means"]
                                 .double().numpy() @ down)) for t in range(store.n)])
 
 
@@ -259,11 +265,11 @@ def test_lip_landmark_targets_carry_motion_only(clip):
     "The landmark term's targets: no mean pull on the canonical mouth, and their lip gap follows the true opening."
     store = FrameStore(clip, "cpu", progress=False)
     lips = lip_landmark_targets(store, head_geometry(store)["landmarks3d"])
-    proj, _ = project_points(lips["points"], store.viewmats, store.Ks)             # [N, L+1, 2] canonical points
-    resid = lips["targets"] - (proj[:, :-1] - proj[:, -1:])                        # [N, L, 2] what a zero field leaves
-    assert resid[store.train_idx].mean(0).abs().max() < 1e-3                       # zero on average over training frames
-    assert resid.abs().mean() > 0.1                                                # but not zero frame by frame
-    truth = np.load(HEAD / "gt.npz")["opening"].astype(np.float64)                 # [n] known opening
+    proj, _ = project_points(lips["points"], store.viewmats, store.Ks)            # [N, L+1, 2] canonical points
+    resid = lips["targets"] - (proj[:, :-1] - proj[:, -1:])                       # [N, L, 2] what a zero field leaves
+    assert resid[store.train_idx].mean(0).abs().max() < 1e-3                      # zero on average over training frames
+    assert resid.abs().mean() > 0.1                                               # but not zero frame by frame
+    truth = np.load(HEAD / "gt.npz")["opening"].astype(np.float64)                # [n] known opening
     gap = (lips["targets"][:, LIP_POINTS.index(14), 1] - lips["targets"][:, LIP_POINTS.index(13), 1]).numpy()
     n = min(len(gap), len(truth))
     assert np.corrcoef(gap[:n], truth[:n])[0, 1] > 0.6                             # inner lips part as the jaw opens
@@ -290,7 +296,8 @@ def test_pipeline_learns_the_known_lip_motion(clip, tmp_path):
 # ---------------------------------------------------------------- the layer behind the head (issue 26)
 
 def test_a_moved_head_uncovers_no_background_between_jaw_and_neck(clip):
-    "The torso layer carries the neck up under the jaw: a head drawn higher than its mask leaves neck, not plate, below."
+    """The torso layer carries the neck up under the jaw: a head drawn higher than its mask leaves neck, not plate,
+    below."""
     store = FrameStore(clip, "cpu", progress=False)
     uncovered = 0
     for i in store.test_idx:

@@ -64,7 +64,8 @@ def test_band_energies_split_frequencies():
     high = band_energies(torch.sin(2 * math.pi * 2000 * t), T, sr, split_hz=500)
     assert low.shape == (T, 2) and torch.allclose(low.amax(0), torch.ones(2))
     # each band is scaled to max 1 on its own, so compare raw ratios through a two-tone signal instead
-    both = band_energies(torch.sin(2 * math.pi * 200 * t) * (t < t[-1] / 2) + torch.sin(2 * math.pi * 2000 * t) * (t >= t[-1] / 2), T, sr)
+    both = band_energies(torch.sin(2 * math.pi * 200 * t) * (t < t[-1] / 2)
+                         + torch.sin(2 * math.pi * 2000 * t) * (t >= t[-1] / 2), T, sr)
     assert both[0, 0] > 0.9 and both[0, 1] < 0.1 and both[-1, 1] > 0.9 and both[-1, 0] < 0.1
 
 
@@ -117,7 +118,8 @@ def test_traces_keep_mask_and_new_audio(clip, models, traces):
 # ---------------------------------------------------------------- trace explorer
 def test_explorer_slider_moves_frames_and_cursors(traces):
     ex = TraceExplorer(traces)
-    assert len(ex.frames_fig.data) == 3 and np.array_equal(np.asarray(ex.frames_fig.data[0].z), _uint8(traces.renders[0]))
+    assert (len(ex.frames_fig.data) == 3
+            and np.array_equal(np.asarray(ex.frames_fig.data[0].z), _uint8(traces.renders[0])))
     ex.slider.value = 7                                        # what dragging the slider does
     for i, arr in enumerate((traces.renders, traces.app_renders, traces.frames)):
         assert np.array_equal(np.asarray(ex.frames_fig.data[i].z), _uint8(arr[7]))
@@ -186,10 +188,12 @@ def test_explorer_sends_no_float16_to_the_browser(traces):
 
 # ---------------------------------------------------------------- region attention
 def test_attention_view_toggles_branches(clip, models):
-    view = AttentionView({"face": (clip.face["means"], models["face_field"]), "mouth": (clip.mouth["means"], models["mouth_field"])})
+    view = AttentionView({"face": (clip.face["means"], models["face_field"]),
+                          "mouth": (clip.mouth["means"], models["mouth_field"])})
     att = attention_of(models["face_field"], clip.face["means"])
     assert att["audio"].shape == att["expr"].shape == (len(clip.face["means"]),)
-    assert np.allclose(np.asarray(view.fig.data[0].marker.color), att["audio"]) and np.allclose(np.asarray(view.fig.data[1].marker.color), att["expr"])
+    assert (np.allclose(np.asarray(view.fig.data[0].marker.color), att["audio"])
+            and np.allclose(np.asarray(view.fig.data[1].marker.color), att["expr"]))
     assert attention_of(models["mouth_field"], clip.mouth["means"]) == {"audio": None, "expr": None}
     view.branch.value = "mouth"
     assert len(view.fig.data[0].x) == len(clip.mouth["means"]) and view.fig.data[0].marker.color == "lightgrey"
@@ -201,7 +205,8 @@ def test_attention_view_toggles_branches(clip, models):
 
 # ---------------------------------------------------------------- incremental sampling
 def test_sampling_view_replays_the_window(clip):
-    rules = [WindowRule("lips", 0.0, 0.3, step=0.7 / 150, every=3), WindowRule("au45", 0.0, 0.3, step=0.7 / 150, every=4, descending=True)]
+    rules = [WindowRule("lips", 0.0, 0.3, step=0.7 / 150, every=3),
+             WindowRule("au45", 0.0, 0.3, step=0.7 / 150, every=4, descending=True)]
     sampler = IncrementalSampler(dict(lips=clip.opening, au45=clip.blink), rules, seed=1)
     view = SamplingView(sampler, 200, span=30)
     assert len(view.history) == 200 and len(view.fig.data[0].x) == TINY.n_frames
@@ -227,7 +232,8 @@ def test_sampling_view_replays_the_window(clip):
 def test_train_photometric_without_fields_draws_every_frame(clip):
     out = train_photometric(clip, None, None, steps=TINY.n_frames)
     assert sorted(out["frames"]) == list(range(TINY.n_frames))                # uniform: one shuffled epoch
-    with torch.no_grad():                                                     # no field: every loss is canonical vs frame
+    # no field: every loss is canonical vs frame
+    with torch.no_grad():
         canon = render_face_mouth(clip.face, clip.mouth, clip.viewmats, clip.Ks, TINY.size, TINY.size,
                                   background=clip.background, backend="torch")["image"][0]
     for j, loss in zip(out["frames"], out["losses"]):
@@ -244,7 +250,8 @@ def test_retrain_panel_button_runs_and_updates(clip):
     assert (cfg.face, cfg.mouth, cfg.iterations, cfg.every) == (True, False, 12, 4) and math.isclose(cfg.lr_grid, 0.1)
     panel.button.click()                                       # what clicking Train does
     assert set(panel.fields) == {"face"} and len(panel.result["losses"]) == 12
-    assert list(panel.loss_fig.data[0].x) == list(range(12)) and np.allclose(panel.loss_fig.data[0].y, panel.result["losses"])
+    assert (list(panel.loss_fig.data[0].x) == list(range(12))
+            and np.allclose(panel.loss_fig.data[0].y, panel.result["losses"]))
     assert list(panel.loss_fig.data[1].x) == [0, 4, 8]                       # window iterations (every K = 4)
     assert not np.array_equal(np.asarray(panel.frame_fig.data[1].z), before)
     assert panel.status.value.startswith("done") and not panel.button.disabled

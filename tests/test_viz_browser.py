@@ -17,7 +17,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 missing = [name for name, ok in (("chromium (apt-get install -y chromium)", Path(CHROMIUM).exists()),
                                  ("voila (pip install voila)", importlib.util.find_spec("voila") is not None),
-                                 ("playwright (pip install playwright)", importlib.util.find_spec("playwright") is not None))
+                                 ("playwright (pip install playwright)",
+                                  importlib.util.find_spec("playwright") is not None))
            if not ok]
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"browser test needs {', '.join(missing)}")
 
@@ -96,8 +97,9 @@ def test_explorer_renders_and_reacts_in_chromium(voila_url, tmp_path):
             # the frames panel: a plotly figure holding image traces; the traces panel: the one titled "audio"
             try:
                 n_img = 2 if TRACES else 3                   # saved traces of a trained head have no appearance variant
-                page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .imagelayer image').length >= {n_img}",
-                                       timeout=120_000)
+                page.wait_for_function(
+                    f"document.querySelectorAll('.js-plotly-plot .imagelayer image').length >= {n_img}",
+                    timeout=120_000)
                 # the traces panel draws after the frames (with a trained head's thousands of centres, seconds later)
                 page.locator(".js-plotly-plot", has_text="audio").first.wait_for(timeout=60_000)
                 t1 = time.time()
@@ -144,10 +146,11 @@ def test_explorer_renders_and_reacts_in_chromium(voila_url, tmp_path):
                 Path(out).mkdir(parents=True, exist_ok=True)
                 name = Path(TRACES).stem if TRACES else "synthetic"
                 page.screenshot(path=str(Path(out) / f"viz_explorer_{name}_browser.png"), full_page=True)
-            print(f"browser part {time.time() - t0:.1f} s; slider moved to frames {frames_seen}; changed pixels: frames "
-                  f"{100 * changed_f:.2f}%, traces {100 * changed_t:.2f}%")
+            print(f"browser part {time.time() - t0:.1f} s; slider moved to frames {frames_seen}; "
+                  f"changed pixels: frames {100 * changed_f:.2f}%, traces {100 * changed_t:.2f}%")
             assert all(f > 0 for f in frames_seen), f"the slider did not move: {frames_seen}"
-            assert changed_f > 0.002, f"the rendered frames did not change after moving the slider ({100 * changed_f:.3f}% of pixels)"
+            assert changed_f > 0.002, ("the rendered frames did not change after moving the slider "
+                                       f"({100 * changed_f:.3f}% of pixels)")
             assert changed_t > 0.0005, f"the trace cursors did not move ({100 * changed_t:.3f}% of pixels)"
         finally:
             ctx.close()
