@@ -16,6 +16,7 @@ from .video import VideoWriter
 from .clip import FrameStore
 from .model import TalkingHead, model_store
 from .pose_refine import refine_cameras
+from .run import saved_config
 from .metrics import (
     psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
     region_masks, region_psnr, REGIONS,
@@ -60,7 +61,7 @@ def _test_cameras(run: Path, head: TalkingHead, store: FrameStore, idx: np.ndarr
     ("Rigidly corrected cameras of the test frames, cached in run/test_cameras.pt "
      "(keyed by frames, clip and model file).")
     st = (Path(run) / "model.pt").stat()
-    steps = cfg["train"].get("test_pose_steps", 150)     # runs saved before the field corrected with 150 steps
+    steps = saved_config(run).test_pose_steps             # a run saved before the field: the default
     key = dict(frames=[int(i) for i in idx], data=str(Path(data).resolve()), model=[st.st_size, st.st_mtime_ns],
                steps=steps)
     path = Path(run) / "test_cameras.pt"
