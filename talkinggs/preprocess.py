@@ -24,7 +24,7 @@ from .phones import phone_windows, phones_missing, av_offset
 from .bookkeeping import versions
 
 # %% auto #0
-__all__ = ['PreprocessConfig', 'preprocess']
+__all__ = ['PreprocessConfig', 'speech_note', 'preprocess']
 
 # %% ../nbs/16_preprocess.ipynb #0da1782f
 @dataclass
@@ -34,6 +34,7 @@ class PreprocessConfig:
     sr: int = 16000                  # audio sample rate (Hz)
     crop_scale: float = 1.65         # crop side / face size (chapter 12)
     max_rms_px: float = 2.0          # warn above this head-pose reprojection RMS (chapter 13's tests accept 2 px)
+    min_speech_s: float = 10.0       # warn below this many seconds of training speech (ours: chapter 36's curve)
     min_duration: float = 4.0        # refuse shorter clips (seconds)
     min_face_fraction: float = 0.95  # refuse when fewer frames have a face
     min_face_px: float = 96.0        # refuse smaller faces (source pixels)
@@ -45,6 +46,16 @@ class PreprocessConfig:
     pose_iters: int = 600            # Adam steps of the head-pose fit (chapter 13)
     pose_smooth: float = 0.05        # pose-acceleration weight (chapter 13)
     test_every: int = 11             # the last ceil(n/test_every) frames are the test split
+
+# %% ../nbs/16_preprocess.ipynb #32394cd1
+def speech_note(n_train: int,                # frames in the training split
+                cfg: PreprocessConfig,       # its fps and min_speech_s
+               ) -> str:
+    "A one-line note when the training split holds too little speech to teach lip motion ('' when enough)."
+    seconds = n_train / cfg.fps
+    if seconds >= cfg.min_speech_s: return ""
+    return (f"only {seconds:.1f} s of training speech: lips follow new speech poorly when learned from under "
+            f"{cfg.min_speech_s:g} s (chapter 36); a longer clip of the same speaker helps most")
 
 # %% ../nbs/16_preprocess.ipynb #27db9d0d
 _HELPER = "from talkinggs.preprocess import _tail_worker\n_tail_worker()"   # the helper process's program
@@ -251,6 +262,8 @@ def preprocess(video: str | Path,                # input video (any container/co
                 warnings.warn(f"{video.name}: head-pose reprojection RMS {res['rms_px']:.2f} px "
                               f"(above {cfg.max_rms_px:g} px): "
                               f"tracking is poor (dark, blurred or occluded face?); training will suffer")
+            if note := speech_note(n_train, cfg):
+                warnings.warn(f"{video.name}: {note}")
             if av is not None and av["found"]:   # chapter 15a: the lips agree with the phones only when shifted
                 late, k = ("sound", "picture") if av["shift"] > 0 else ("picture", "sound")
                 warnings.warn(f"{video.name}: the {late} seems to lag the {k} by {abs(av['shift'])} frames "
