@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_clip.ipynb #c4eb9425
 from __future__ import annotations
-import json
+import hashlib, importlib.util, json
 from pathlib import Path
 import cv2
 import numpy as np
@@ -12,31 +12,57 @@ import torch
 from tqdm.auto import tqdm
 
 from .masks import HAIR, MOUTH, split_labels, neck_under_head, torso_bg_layer
-from .features import audio_windows, lip_gap
+from .features import audio_windows, frame_windows, lip_gap, transformer_features
 from .phones import phone_windows, av_offset
+from .bookkeeping import atomic_save, load_checkpoint
 
 # %% auto #0
-__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'audio_inputs', 'clip_audio', 'clip_av_shift', 'read_meta',
-           'TalkingDataset', 'FrameStore']
+__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'model_windows', 'audio_inputs', 'clip_audio', 'clip_av_shift',
+           'read_meta', 'TalkingDataset', 'FrameStore']
 
 # %% ../nbs/17_clip.ipynb #e72df856
-AUDIO_FEATURES = ("mel", "phones", "both")   # what drives the motion fields: chapter 15's log-mel, 15a's phones, both
+AUDIO_FEATURES = ("mel", "phones", "both", "model")   # chapter 15's log-mel, 15a's phones, both, a speech model
 
-def check_audio_features(kind: str) -> str:
-    "`kind` if it names audio windows a model can take; one line otherwise."
+def check_audio_features(kind: str,            # one of AUDIO_FEATURES
+                         model_dir: str = "",  # the local speech model's folder (kind "model")
+                        ) -> str:
+    "`kind` if it names audio windows a model can take and what they need is here; one line otherwise."
     if kind not in AUDIO_FEATURES:
         raise ValueError(f"audio_features must be one of {', '.join(AUDIO_FEATURES)}, got {kind!r}")
+    if kind != "model": return kind
+    if not model_dir:
+        raise ValueError("audio_features='model' needs audio_model: a folder holding a local HuBERT or wav2vec 2.0 "
+                         "checkpoint (talkinggs never downloads weights)")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ValueError(f"audio_model {model_dir} holds no checkpoint (no config.json): save a HuBERT or "
+                         f"wav2vec 2.0 model there first")
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("audio_features='model' needs the transformers library: pip install -e \".[hubert]\"")
     return kind
+
+def model_windows(wav: np.ndarray,   # [S] float32 mono at 16 kHz
+                  n_frames: int,      # video frames at 25 fps
+                  model_dir: str,     # a local HuBERT / wav2vec 2.0 checkpoint
+                 ) -> np.ndarray:     # [n_frames, 16, hidden] float32
+    "Windows of a speech model's hidden states (two per video frame), centred on each frame as the log-mel's are."
+    h = transformer_features(wav, n_frames, model_dir)                             # [N, 2, hidden]
+    track = h.reshape(2 * n_frames, -1)                                            # [2N, hidden], 50 per second
+    return frame_windows(track, n_frames, pad=np.zeros(track.shape[1], np.float32))   # zeros beyond the ends
 
 def audio_inputs(wav: np.ndarray,   # [S] float32 mono at the clip's sample rate
                  n_frames: int,      # video frames
                  meta: dict,         # the clip's meta.json (sample rate, fps, how its log-mel was made)
                  kind: str = "mel",  # one of AUDIO_FEATURES
-                ) -> np.ndarray:     # [n_frames, 16, D] float32 (D: 80 mel, 40 phones, 120 both)
+                 model_dir: str = "",  # the local speech model's folder (kind "model")
+                ) -> np.ndarray:     # [n_frames, 16, D] float32 (D: 80 mel, 40 phones, 120 both, the model's width)
     "The audio windows of one kind for any audio track, made as preprocessing made the clip's."
     sr, fps, c = meta["sample_rate"], meta["fps"], meta["config"]
+    if check_audio_features(kind, model_dir) == "model":
+        if (sr, fps) != (16000, 25):   # the models step 20 ms: two frames per 40 ms video frame
+            raise ValueError(f"audio_features='model' needs a clip at 16 kHz and 25 fps, not {sr} Hz and {fps:g} fps")
+        return model_windows(wav, n_frames, model_dir)
     parts = []
-    if check_audio_features(kind) in ("mel", "both"):
+    if kind in ("mel", "both"):
         parts.append(audio_windows(wav, n_frames, sr, fps, c["audio_kind"], c["audio_dim"]))
     if kind in ("phones", "both"): parts.append(phone_windows(wav, n_frames, sr, fps))
     return np.concatenate(parts, -1)
@@ -48,15 +74,29 @@ def _phones(root: Path, meta: dict) -> np.ndarray:  # [N, 16, 40]
     sr, pcm = wavfile.read(root / "audio.wav")
     return phone_windows(pcm.astype(np.float32) / 32767, meta["n_frames"], sr, meta["fps"])
 
+def _speech(root: Path, meta: dict, model_dir: str) -> np.ndarray:  # [N, 16, hidden]
+    "A speech model's windows of audio.wav, made once per model folder and kept in the data folder's speech/."
+    model = Path(model_dir).resolve()
+    p = root / "speech" / f"{model.name}_{hashlib.sha1(str(model).encode()).hexdigest()[:8]}.pt"   # one per model
+    if p.is_file(): return load_checkpoint(p).numpy()
+    from scipy.io import wavfile
+    sr, pcm = wavfile.read(root / "audio.wav")
+    x = audio_inputs(pcm.astype(np.float32) / 32767, meta["n_frames"], meta | {"sample_rate": sr}, "model", model_dir)
+    p.parent.mkdir(exist_ok=True)
+    atomic_save(torch.from_numpy(x), p)        # speech/ is not part of the data checksum (chapter 04)
+    return x
+
 def clip_audio(root: str | Path,   # a data folder
                meta: dict,         # its meta.json
                kind: str = "mel",  # one of AUDIO_FEATURES
                shift: int = 0,     # frame t gets the windows of frame t + shift (`clip_av_shift`; ends repeated)
+               model_dir: str = "",  # the local speech model's folder (kind "model")
               ) -> np.ndarray:     # [N, 16, D]
     "A data folder's audio windows of one kind, optionally re-aligned to its picture."
     root = Path(root)
     mel = np.load(root / "audio_feats.npy", mmap_mode="r")                    # [N, 16, 80] memory-mapped
-    if check_audio_features(kind) == "mel": x = mel
+    if check_audio_features(kind, model_dir) == "mel": x = mel
+    elif kind == "model": x = _speech(root, meta, model_dir)
     elif kind == "phones": x = _phones(root, meta)
     else: x = np.concatenate([np.asarray(mel), _phones(root, meta)], -1)
     if shift == 0: return x
@@ -93,6 +133,7 @@ class TalkingDataset(torch.utils.data.Dataset):
                  frames_on_device: bool = False,      # decode all frames once into a uint8 tensor on `device`
                  audio: str = "mel",                  # which audio windows (`AUDIO_FEATURES`)
                  audio_shift: int = 0,                # the clip's audio re-aligned by this many frames (`clip_audio`)
+                 audio_model: str = "",               # the local speech model's folder (audio "model")
                 ):
         self.root, self.device = Path(root), torch.device(device)
         self.meta = read_meta(self.root)
@@ -104,7 +145,7 @@ class TalkingDataset(torch.utils.data.Dataset):
         self.Ks = torch.from_numpy(cams["Ks"]).float()                                 # [N, 3, 3]
         self.expr = torch.from_numpy(act["e"]).float()                                 # [N, 7]
         self.signals = {k: torch.from_numpy(act[k]).float() for k in ("lips_open", "au25", "au45")}  # each [N]
-        self.audio = clip_audio(self.root, self.meta, audio, audio_shift)             # [N, 16, D]
+        self.audio = clip_audio(self.root, self.meta, audio, audio_shift, audio_model)  # [N, 16, D]
         self.plate = torch.from_numpy(self._read(self.root / "background.png")).to(self.device)  # [H, W, 3] uint8, once
         self.frames = None
         if frames_on_device:
@@ -157,9 +198,10 @@ class FrameStore:
                  progress: bool = True,                   # tqdm bar while decoding
                  cameras: torch.Tensor | None = None,     # [N, 4, 4] refined world-to-camera (a model's `viewmats`)
                  audio: str = "mel",                      # which audio windows (`AUDIO_FEATURES`)
-                 audio_shift: int = 0):                   # frames the clip's audio is moved by (`clip_audio`)
-        ds = TalkingDataset(root, split="all", audio=audio, audio_shift=audio_shift)
-        self.audio_kind, self.audio_shift = audio, audio_shift                    # what `self.audio` holds
+                 audio_shift: int = 0,                    # frames the clip's audio is moved by (`clip_audio`)
+                 audio_model: str = ""):                  # the local speech model's folder (audio "model")
+        ds = TalkingDataset(root, split="all", audio=audio, audio_shift=audio_shift, audio_model=audio_model)
+        self.audio_kind, self.audio_shift, self.audio_model = audio, audio_shift, audio_model   # what `audio` holds
         self.root, self.meta, self.device = Path(root), ds.meta, torch.device(device)
         n, H, W = self.meta["n_frames"], self.meta["height"], self.meta["width"]
         self.n, self.H, self.W = n, H, W

@@ -191,7 +191,7 @@ def render_frames(run: str | Path,                  # a trained run folder
     import cv2
     head, data, _ = load_run(run, device, data)
     store = model_store(head, data)
-    f, _ = audio_features(audio, store.meta, head.cfg.audio_features)
+    f, _ = audio_features(audio, store.meta, head.cfg.audio_features, head.cfg.audio_model)
     feats = torch.from_numpy(f).to(head.device)                                 # [T, 16, D]
     n = min(len(feats), max_frames)
     track = drive_track(store, n)                                             # [n] frame numbers of the poses

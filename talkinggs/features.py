@@ -161,8 +161,9 @@ def transformer_features(audio: np.ndarray,       # [S] float32 mono at 16 kHz
                            "or use kind='logmel' (default)") from None
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
     audio = align_length(audio, n_frames * 640, unit=640, what="audio")
-    x = torch.from_numpy((audio - audio.mean()) / (audio.std() + 1e-7))[None].to(device)
+    audio = np.pad((audio - audio.mean()) / (audio.std() + 1e-7), 200)   # 25 ms receptive field centred on k * 20 ms
+    x = torch.from_numpy(audio.astype(np.float32))[None].to(device)     # [1, S + 400]
     with torch.no_grad():
-        h = model(x).last_hidden_state[0].float().cpu().numpy()        # [T, hidden], T ≈ 2 per video frame
-    h = align_length(h, 2 * n_frames, unit=2, what="model output", pad="edge")
+        h = model(x).last_hidden_state[0].float().cpu().numpy()        # [2N + 1, hidden]: one per 20 ms step
+    h = align_length(h[:2 * n_frames], 2 * n_frames, unit=2, what="model output", pad="edge")   # the extra one off
     return h.reshape(n_frames, 2, -1)

@@ -56,7 +56,8 @@ class HeadConfig:
     mouth_center: tuple = (0.0, 0.0, 0.0) # mouth box centre
     mouth_bound: float = 0.05             # mouth box half side
     feat_dim: int = 80                    # audio feature size D (log-mel bands, chapter 15)
-    audio_features: str = "mel"           # which audio windows drive it: mel, phones or both (chapter 17)
+    audio_features: str = "mel"           # which audio windows drive it: mel, phones, both or model (chapter 17)
+    audio_model: str = ""                 # the local speech model's folder when audio_features is "model"
     audio_shift: int = 0                  # frames its clip's own audio was moved by in training (chapter 17)
     window: int = 16                      # audio feature frames per video frame
     code_dim: int = 32                    # audio code size A (TalkingGaussian: 32)
@@ -286,6 +287,7 @@ def head_from_store(store: FrameStore,
     cfg = HeadConfig(width=store.W, height=store.H, fps=store.meta["fps"], center=geo["center"], bound=geo["bound"],
                      mouth_center=geo["mouth_center"], mouth_bound=geo["mouth_bound"], feat_dim=store.audio.shape[-1],
                      window=store.audio.shape[1], audio_features=store.audio_kind, audio_shift=store.audio_shift,
+                     audio_model=store.audio_model,
                      method=method, pose_dim=pose_dim)
     head = TalkingHead(cfg, store.device, seed, sh_degree, face_points, mouth_points)
     for b in head.branches:
@@ -294,8 +296,10 @@ def head_from_store(store: FrameStore,
     tr = store.audio[torch.as_tensor(store.train_idx, device=store.device)]       # [n_train, W, D]
     head.feat_mean.copy_(tr.mean((0, 1)))
     head.feat_std.copy_(tr.std((0, 1)).clamp_min(1e-3))
-    if store.audio_kind != "mel":   # phones, the last 40 values: one-hot, on a unit scale already; a phone the clip
-        n = len(PHONES)             # never says has std 0 and would blow up when new audio says it (ours)
+    if store.audio_kind in ("phones", "both"):
+        # phones, the last 40 values: one-hot, on a unit scale already; a phone the clip never says has std 0 and
+        # would blow up when new audio says it (ours)
+        n = len(PHONES)
         head.feat_mean[-n:], head.feat_std[-n:] = 0.0, 1.0
     return head
 
@@ -338,4 +342,4 @@ def load_head(path_or_state: str | Path | dict, device: str | torch.device = "cp
 def model_store(head: TalkingHead, data: str | Path, progress: bool = False) -> FrameStore:
     "The clip a model was trained on, on the model's device, seen through the model's cameras (stage 0)."
     return FrameStore(data, head.device, progress=progress, cameras=head.viewmats, audio=head.cfg.audio_features,
-                      audio_shift=head.cfg.audio_shift)
+                      audio_shift=head.cfg.audio_shift, audio_model=head.cfg.audio_model)

@@ -287,7 +287,8 @@ def open_run(data: str | Path,                  # folder written by `talkinggs p
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(folder)                       # a save cut short by a kill: never read
     shift = clip_av_shift(data, read_meta(data)) if cfg.align_audio else 0     # frames the clip's sound lags by
-    store = FrameStore(data, device, progress=progress, audio=cfg.audio_features, audio_shift=shift)
+    store = FrameStore(data, device, progress=progress, audio=cfg.audio_features, audio_shift=shift,
+                       audio_model=cfg.audio_model)
     run = Run(cfg, store, None, folder, progress)
     if not exists:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

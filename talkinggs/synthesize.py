@@ -169,7 +169,8 @@ class FastRenderer:
 # %% ../nbs/31_synthesize.ipynb #e5f5b8ec
 def audio_features(audio: str | Path | np.ndarray,  # audio/video file, or [S] float32 mono at meta's sample rate
                    meta: dict,                       # the data folder's meta.json
-                   kind: str = "mel",                # the model's `audio_features` (mel, phones or both)
+                   kind: str = "mel",                # the model's `audio_features` (mel, phones, both or model)
+                   model_dir: str = "",              # the model's `audio_model` (kind "model")
                   ) -> tuple[np.ndarray, np.ndarray]:  # (windows [T, W, D] float32, samples [S])
     "Per-video-frame feature windows of an audio track, computed as preprocessing did for the training clip."
     sr, fps = meta["sample_rate"], meta["fps"]
@@ -179,7 +180,7 @@ def audio_features(audio: str | Path | np.ndarray,  # audio/video file, or [S] f
     audio = np.asarray(audio, np.float32)
     n = int(len(audio) * fps / sr)
     if n < 1: raise ValueError(f"audio of {len(audio)} samples is shorter than one video frame")
-    return audio_inputs(audio, n, meta, kind), audio
+    return audio_inputs(audio, n, meta, kind, model_dir), audio
 
 def drive_track(store: FrameStore, n_out: int, split: str = "train") -> np.ndarray:  # [n_out] frame numbers
     "Frame numbers of the training track walked forwards and backwards to cover `n_out` output frames."
@@ -245,7 +246,7 @@ def render_video(run: str | Path, out: str | Path, audio: str | Path | None = No
         feats, wav, track = store.audio, None, np.arange(store.n)
         audio_path = data / "audio.wav"
     else:
-        f, wav = audio_features(audio, store.meta, head.cfg.audio_features)
+        f, wav = audio_features(audio, store.meta, head.cfg.audio_features, head.cfg.audio_model)
         feats, track, audio_path = torch.from_numpy(f).to(head.device), drive_track(store, len(f)), None
     n = len(feats) if max_frames is None else min(len(feats), max_frames)
     track = track[:n]
@@ -291,7 +292,7 @@ def stream_frames(renderer: Renderer, store: FrameStore,
             n_have = int(len(buf) / spf)
             e0 = n_have if final else min(n_have, t + lookahead + 1)
             f = audio_inputs(buf[int(round(s0 * spf)):int(round(e0 * spf))], e0 - s0, meta,
-                             renderer.head.cfg.audio_features)
+                             renderer.head.cfg.audio_features, renderer.head.cfg.audio_model)
             feats = torch.from_numpy(f).to(store.device)
             i = int(store.train_idx[mirrored_loop(len(store.train_idx), t + 1)[-1]])
             o = renderer.frame(feats, t - s0, store.viewmats[i], store.Ks[i], store.expr[i],

@@ -37,7 +37,8 @@ class TrainConfig:
     incremental_sampling: bool = True  # Eq. 6 windows (False: frames drawn uniformly, Table 4's "w/o IS")
     method: str = "talkinggaussian"  # a key of `METHODS` (chapter 25): motion models, branches, own settings
     pose_cond: bool = False          # the face field also sees the head pose (GaussianTalker: the viewpoint)
-    audio_features: str = "mel"      # what drives the motion fields: "mel" | "phones" | "both" (chapters 15, 15a, 17)
+    audio_features: str = "mel"      # what drives the motion fields: "mel" | "phones" | "both" | "model" (ch. 15-17)
+    audio_model: str = ""            # a local HuBERT / wav2vec 2.0 checkpoint folder, for audio_features="model"
     align_audio: bool = False        # move the clip's audio by the lag chapter 15a finds behind its picture (ours)
     sh_degree: int = 3               # highest SH degree (3DGS: 3)
     sh_interval: int = 1000          # unlock one SH degree every this many iterations (3DGS: 1,000)
@@ -103,8 +104,8 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS: raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    check_audio_features(cfg.audio_features)
-    if cfg.audio_features != "mel" and phones_missing(): raise ValueError(phones_missing())
+    check_audio_features(cfg.audio_features, cfg.audio_model)
+    if cfg.audio_features in ("phones", "both") and phones_missing(): raise ValueError(phones_missing())
     at_least = dict(face_iters=1, mouth_iters=1, fused_iters=0, torso_iters=0, pose_iters=int(cfg.pose_refine),
                     ckpt_every=1, log_every=1, face_points=1, mouth_points=1, static_batch=1, sh_interval=1,
                     test_pose_steps=1)

@@ -252,3 +252,44 @@ def test_a_phone_driven_model_trains_and_speaks_new_audio(trained, tmp_path):
     with pytest.raises(ValueError, match="audio_features must be one of"):
         train(data, tmp_path / "bad", cpu_demo_train_config(audio_features="deepspeech"), device="cpu", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_hubert(tmp_path_factory) -> Path:
+    "A randomly initialised HuBERT small enough for a CPU test (it knows no speech: the plumbing is what is tested)."
+    transformers = pytest.importorskip("transformers", reason="the `hubert` extra (transformers) is not installed")
+    d = tmp_path_factory.mktemp("tiny_hubert")
+    cfg = transformers.HubertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    conv_dim=(8,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    transformers.HubertModel(cfg).save_pretrained(d)
+    return d
+
+
+def test_a_speech_model_drives_training_and_new_audio(trained, tiny_hubert, tmp_path):
+    "audio_features='model': a local HuBERT's hidden states drive the fields; new audio goes through the same model."
+    data, _ = trained
+    before = {p.name for p in data.iterdir()}
+    cfg = cpu_demo_train_config(face_iters=20, mouth_iters=10, fused_iters=2, face_points=200, mouth_points=40,
+                                audio_features="model", audio_model=str(tiny_hubert))
+    run = tmp_path / "run"
+    train(data, run, cfg, device="cpu", progress=False)
+    assert {p.name for p in data.iterdir()} - before <= {"speech"} and len(list(data.glob("speech/*.pt"))) == 1
+    head, _, _ = load_run(run, "cpu")                              # reopening checks the data checksum: unchanged
+    assert head.cfg.audio_features == "model" and head.cfg.feat_dim == 16
+    assert head.cfg.audio_model == str(tiny_hubert)
+    meta = json.loads((data / "meta.json").read_text())
+    feats, _ = audio_features(data / "audio.wav", meta, "model", str(tiny_hubert))
+    store = FrameStore(data, "cpu", progress=False, audio="model", audio_model=str(tiny_hubert))
+    assert feats.shape == tuple(store.audio.shape) == (meta["n_frames"], 16, 16)
+    assert np.allclose(feats, store.audio.numpy(), atol=1e-4)     # new audio is windowed as the clip was
+    r = render_video(run, tmp_path / "out.mp4", audio=data / "audio.wav", device="cpu", max_frames=5, progress=False)
+    assert r["frames"] == 5
+
+
+def test_a_speech_model_setting_is_checked_before_training(trained, tmp_path):
+    data, _ = trained
+    for changes, msg in ((dict(), "needs audio_model"), (dict(audio_model=str(tmp_path)), "holds no checkpoint")):
+        with pytest.raises(ValueError, match=msg):
+            train(data, tmp_path / "bad", cpu_demo_train_config(audio_features="model", **changes), device="cpu",
+                  progress=False)
+        assert not (tmp_path / "bad").exists()
