@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #d5b6690d
 from __future__ import annotations
-import dataclasses, json, sys, time
+import dataclasses, json, sys, time, warnings
 from pathlib import Path
 from fastcore.script import anno_parser, call_parse, Param, store_true
 
@@ -397,4 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     args = vars(_parser(name).parse_args(rest))
     for extra in ("pdb", "xtra"): args.pop(extra, None)   # fastcore's built-in debugging flags
-    COMMANDS[name][0](**args)
+    def one_line(message, category, filename, lineno, file=None, line=None):   # Python's own shows the source line
+        print(f"talkinggs {name}: {category.__name__}: {message}", file=sys.stderr)
+    with warnings.catch_warnings():                       # restored afterwards (main may run inside a test)
+        warnings.showwarning = one_line
+        COMMANDS[name][0](**args)

@@ -222,8 +222,9 @@ def test_preprocess_prints_no_native_log_noise_unless_asked(tmp_path):
     quiet = cli("preprocess", VIDEO, "--out", tmp_path / "a", "--size", 64, "--quiet")
     assert quiet.returncode == 0 and "frames, landmarks in" in quiet.stdout, quiet.stderr[-2000:]
     assert "TensorFlow Lite" not in quiet.stderr and "W0000" not in quiet.stderr and "absl" not in quiet.stderr
-    # our own warnings still reach the user
-    assert "frame size 64 px" in quiet.stderr
+    # our own warnings still reach the user, one line each (not Python's file:line form with the source line)
+    assert "talkinggs preprocess: UserWarning: frame size 64 px" in quiet.stderr
+    assert "only 4.6 s of training speech" in quiet.stderr and "warnings.warn(" not in quiet.stderr
     loud = cli("preprocess", VIDEO, "--out", tmp_path / "b", "--size", 64, "--quiet", "--verbose")
     assert loud.returncode == 0 and "TensorFlow Lite" in loud.stderr                 # the filter is what removed them
 
