@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_bookkeeping.ipynb #368c1a7f
 from __future__ import annotations
-import contextlib, csv, errno, hashlib, importlib, json, os, signal, socket, sys, time
+import contextlib, csv, errno, hashlib, importlib, json, os, signal, socket, sys, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import talkinggs
 # %% auto #0
 __all__ = ['LOCK', 'WriteFailed', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'FolderBusy',
            'take_lock', 'release_lock', 'folder_lock', 'Interrupted', 'sigterm_as_interrupt', 'save_on_stop',
-           'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
+           'one_line_warnings', 'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
 
 # %% ../nbs/04_bookkeeping.ipynb #1af2492a
 class WriteFailed(OSError):
@@ -157,6 +157,16 @@ def save_on_stop(save,      # save(step): writes the checkpoint of iteration `st
             save(at["step"])
             raise Interrupted(f"{what} interrupted at iteration {at['step']}; "
                               f"checkpoint saved, continue with --resume") from None
+
+# %% ../nbs/04_bookkeeping.ipynb #47448dd9
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):   # what each line starts with, e.g. "talkinggs preprocess"
+    "Inside: every warning shown reaches stderr as one line, `prefix: Category: message`."
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: {category.__name__}: {message}", file=sys.stderr)
+    with warnings.catch_warnings():      # restores the printer and the filters on the way out
+        warnings.showwarning = show
+        yield
 
 # %% ../nbs/04_bookkeeping.ipynb #dc69fb84
 class MetricsLog:

@@ -231,7 +231,6 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
     data = out / "data"
     if not (data / "meta.json").exists():
         say("1/4 preprocess the synthetic head at 64x64")
-        import warnings
         with warnings.catch_warnings():                      # 64 px is the demo's choice: no need to warn about it
             warnings.filterwarnings("ignore", message="frame size 64 px")
             preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
@@ -397,8 +396,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     args = vars(_parser(name).parse_args(rest))
     for extra in ("pdb", "xtra"): args.pop(extra, None)   # fastcore's built-in debugging flags
-    def one_line(message, category, filename, lineno, file=None, line=None):   # Python's own shows the source line
-        print(f"talkinggs {name}: {category.__name__}: {message}", file=sys.stderr)
-    with warnings.catch_warnings():                       # restored afterwards (main may run inside a test)
-        warnings.showwarning = one_line
-        COMMANDS[name][0](**args)
+    from talkinggs.bookkeeping import one_line_warnings   # chapter 04 (torch loads only once a command runs)
+    with one_line_warnings(f"talkinggs {name}"): COMMANDS[name][0](**args)
