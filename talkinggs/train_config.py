@@ -5,6 +5,7 @@
 # %% ../nbs/28_train_config.ipynb #610fb782
 from __future__ import annotations
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 import numpy as np
 from .model import METHODS
@@ -122,6 +123,8 @@ def resolve_config(cfg: TrainConfig, n_train: int) -> TrainConfig:
     counts = preset_iterations(cfg.preset, n_train)
     fill = {k: own.get(k, off[k]) for k in off} | counts                # what an unset field becomes
     cfg = dataclasses.replace(cfg, **{k: v for k, v in fill.items() if getattr(cfg, k) is None})
+    if cfg.audio_model:                                                 # the run then works from any folder
+        cfg = dataclasses.replace(cfg, audio_model=str(Path(cfg.audio_model).resolve()))
     _check(cfg)
     return cfg
 

@@ -265,18 +265,19 @@ def tiny_hubert(tmp_path_factory) -> Path:
     return d
 
 
-def test_a_speech_model_drives_training_and_new_audio(trained, tiny_hubert, tmp_path):
+def test_a_speech_model_drives_training_and_new_audio(trained, tiny_hubert, tmp_path, monkeypatch):
     "audio_features='model': a local HuBERT's hidden states drive the fields; new audio goes through the same model."
     data, _ = trained
     before = {p.name for p in data.iterdir()}
+    monkeypatch.chdir(tiny_hubert.parent)                          # the model named relative to the working folder
     cfg = cpu_demo_train_config(face_iters=20, mouth_iters=10, fused_iters=2, face_points=200, mouth_points=40,
-                                audio_features="model", audio_model=str(tiny_hubert))
+                                audio_features="model", audio_model=tiny_hubert.name)
     run = tmp_path / "run"
     train(data, run, cfg, device="cpu", progress=False)
     assert {p.name for p in data.iterdir()} - before <= {"speech"} and len(list(data.glob("speech/*.pt"))) == 1
     head, _, _ = load_run(run, "cpu")                              # reopening checks the data checksum: unchanged
     assert head.cfg.audio_features == "model" and head.cfg.feat_dim == 16
-    assert head.cfg.audio_model == str(tiny_hubert)
+    assert head.cfg.audio_model == str(tiny_hubert.resolve())     # resolved once: the run works from any folder
     meta = json.loads((data / "meta.json").read_text())
     feats, _ = audio_features(data / "audio.wav", meta, "model", str(tiny_hubert))
     store = FrameStore(data, "cpu", progress=False, audio="model", audio_model=str(tiny_hubert))
