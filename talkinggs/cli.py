@@ -231,8 +231,8 @@ def demo(out: str | Path = "talkinggs_demo",   # folder for the data, the run, t
     data = out / "data"
     if not (data / "meta.json").exists():
         say("1/4 preprocess the synthetic head at 64x64")
-        with warnings.catch_warnings():                      # 64 px is the demo's choice: no need to warn about it
-            warnings.filterwarnings("ignore", message="frame size 64 px")
+        with warnings.catch_warnings():                      # 64 px and 5 s are the demo's choices: no need to warn
+            warnings.filterwarnings("ignore", message="frame size 64 px|.*s of training speech")
             preprocess(head / "video.mp4", data, cfg=PreprocessConfig(size=64), progress=progress)
     say("2/4 train (CPU settings)")
     cfg = cpu_demo_train_config(face_iters=face_iters, mouth_iters=max(10, face_iters // 8),
