@@ -17,11 +17,12 @@ from .phones import phone_windows, av_offset
 from .bookkeeping import atomic_save, load_checkpoint
 
 # %% auto #0
-__all__ = ['AUDIO_FEATURES', 'META_KEYS', 'check_audio_features', 'model_windows', 'audio_inputs', 'clip_audio', 'clip_av_shift',
-           'read_meta', 'TalkingDataset', 'FrameStore']
+__all__ = ['AUDIO_FEATURES', 'PHONE_KINDS', 'META_KEYS', 'check_audio_features', 'model_windows', 'audio_inputs', 'clip_audio',
+           'clip_av_shift', 'read_meta', 'TalkingDataset', 'FrameStore']
 
 # %% ../nbs/17_clip.ipynb #e72df856
 AUDIO_FEATURES = ("mel", "phones", "both", "model")   # chapter 15's log-mel, 15a's phones, both, a speech model
+PHONE_KINDS = ("phones", "both")                      # the kinds whose windows end in the 40 phones
 
 def check_audio_features(kind: str,            # one of AUDIO_FEATURES
                          model_dir: str = "",  # the local speech model's folder (kind "model")
@@ -64,24 +65,28 @@ def audio_inputs(wav: np.ndarray,   # [S] float32 mono at the clip's sample rate
     parts = []
     if kind in ("mel", "both"):
         parts.append(audio_windows(wav, n_frames, sr, fps, c["audio_kind"], c["audio_dim"]))
-    if kind in ("phones", "both"): parts.append(phone_windows(wav, n_frames, sr, fps))
+    if kind in PHONE_KINDS: parts.append(phone_windows(wav, n_frames, sr, fps))
     return np.concatenate(parts, -1)
+
+def _clip_wav(root: Path) -> tuple[np.ndarray, int]:  # ([S] float32 in [-1, 1], sample rate)
+    "A data folder's audio.wav (16-bit PCM, written by preprocessing) as float samples."
+    from scipy.io import wavfile
+    sr, pcm = wavfile.read(root / "audio.wav")
+    return pcm.astype(np.float32) / 32767, sr
 
 def _phones(root: Path, meta: dict) -> np.ndarray:  # [N, 16, 40]
     "phones.npy, or the phones of audio.wav for a folder preprocessed before phones existed."
     if (root / "phones.npy").is_file(): return np.load(root / "phones.npy")
-    from scipy.io import wavfile
-    sr, pcm = wavfile.read(root / "audio.wav")
-    return phone_windows(pcm.astype(np.float32) / 32767, meta["n_frames"], sr, meta["fps"])
+    wav, sr = _clip_wav(root)
+    return phone_windows(wav, meta["n_frames"], sr, meta["fps"])
 
 def _speech(root: Path, meta: dict, model_dir: str) -> np.ndarray:  # [N, 16, hidden]
     "A speech model's windows of audio.wav, made once per model folder and kept in the data folder's speech/."
     model = Path(model_dir).resolve()
     p = root / "speech" / f"{model.name}_{hashlib.sha1(str(model).encode()).hexdigest()[:8]}.pt"   # one per model
     if p.is_file(): return load_checkpoint(p).numpy()
-    from scipy.io import wavfile
-    sr, pcm = wavfile.read(root / "audio.wav")
-    x = audio_inputs(pcm.astype(np.float32) / 32767, meta["n_frames"], meta | {"sample_rate": sr}, "model", model_dir)
+    wav, sr = _clip_wav(root)
+    x = audio_inputs(wav, meta["n_frames"], meta | {"sample_rate": sr}, "model", model_dir)
     p.parent.mkdir(exist_ok=True)
     atomic_save(torch.from_numpy(x), p)        # speech/ is not part of the data checksum (chapter 04)
     return x

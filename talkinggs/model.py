@@ -17,7 +17,7 @@ from .bookkeeping import load_checkpoint
 from .gaussians import init_random, activate, sh_degree_of
 from .rasterize import rasterize
 from .landmarks import INNER_LIP, MOUTH_CORNERS
-from .clip import FrameStore
+from .clip import FrameStore, PHONE_KINDS
 from .phones import PHONES
 from .motion_field import (MotionField, face_branch_config, mouth_branch_config, single_branch_config,
                                     appearance_config, apply_deformation)
@@ -296,7 +296,7 @@ def head_from_store(store: FrameStore,
     tr = store.audio[torch.as_tensor(store.train_idx, device=store.device)]       # [n_train, W, D]
     head.feat_mean.copy_(tr.mean((0, 1)))
     head.feat_std.copy_(tr.std((0, 1)).clamp_min(1e-3))
-    if store.audio_kind in ("phones", "both"):
+    if store.audio_kind in PHONE_KINDS:
         # phones, the last 40 values: one-hot, on a unit scale already; a phone the clip never says has std 0 and
         # would blow up when new audio says it (ours)
         n = len(PHONES)

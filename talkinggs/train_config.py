@@ -5,11 +5,11 @@
 # %% ../nbs/28_train_config.ipynb #610fb782
 from __future__ import annotations
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 import numpy as np
 from .model import METHODS
-from .clip import check_audio_features
+from .clip import check_audio_features, PHONE_KINDS
 from .phones import phones_missing
 
 # %% auto #0
@@ -106,7 +106,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     check_audio_features(cfg.audio_features, cfg.audio_model)
-    if cfg.audio_features in ("phones", "both") and phones_missing(): raise ValueError(phones_missing())
+    if cfg.audio_features in PHONE_KINDS and phones_missing(): raise ValueError(phones_missing())
     at_least = dict(face_iters=1, mouth_iters=1, fused_iters=0, torso_iters=0, pose_iters=int(cfg.pose_refine),
                     ckpt_every=1, log_every=1, face_points=1, mouth_points=1, static_batch=1, sh_interval=1,
                     test_pose_steps=1)
