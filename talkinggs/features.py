@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_features.ipynb #0598d8fc
 from __future__ import annotations
-import csv, warnings
+import csv, functools, warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +144,12 @@ def load_feature_array(path: str | Path,  # .npy file of per-frame features
     if x.ndim < 2: raise ValueError(f"{Path(path).name}: expected per-frame features [N, ...], got shape {x.shape}")
     return align_length(x.astype(np.float32), n_frames, what=Path(path).name, pad="edge")
 
+@functools.lru_cache(maxsize=2)
+def _speech_model(model_dir: str, device: str):   # a resolved checkpoint folder; where the model runs
+    "A local HuBERT/wav2vec2 model, loaded once per folder and device (streaming asks for features every frame)."
+    from transformers import AutoModel
+    return AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+
 def transformer_features(audio: np.ndarray,       # [S] float32 mono at 16 kHz
                          n_frames: int,            # video frames (25 fps)
                          model_dir: str | Path,    # local folder with a HuBERT/wav2vec2 checkpoint (config + weights)
@@ -155,11 +161,11 @@ def transformer_features(audio: np.ndarray,       # [S] float32 mono at 16 kHz
                                 "downloads weights: save a HuBERT/wav2vec2 checkpoint there first")
     try:
         import torch
-        from transformers import AutoModel
+        import transformers                         # noqa: F401 (`_speech_model` loads through it)
     except ImportError:
         raise RuntimeError("transformer audio features need `pip install transformers`; "
                            "or use kind='logmel' (default)") from None
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+    model = _speech_model(str(Path(model_dir).resolve()), str(device))
     audio = align_length(audio, n_frames * 640, unit=640, what="audio")
     audio = np.pad((audio - audio.mean()) / (audio.std() + 1e-7), 200)   # 25 ms receptive field centred on k * 20 ms
     x = torch.from_numpy(audio.astype(np.float32))[None].to(device)     # [1, S + 400]
