@@ -13,7 +13,7 @@ import torch
 from .core import psnr, to_float_image, to_uint8
 from .features import lip_gap
 from .landmarks import (INNER_LIP, OUTER_LIP, MOUTH_IDX, RIGHT_EYE, LEFT_EYE,
-                                 BackendUnavailable, FaceMesh)
+                                 BackendUnavailable, FaceMesh, quiet_native_logs)
 
 # %% auto #0
 __all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'error_colors',
@@ -147,7 +147,7 @@ def mouth_landmarks(frames: np.ndarray | Iterable[np.ndarray],  # [N, H, W, 3] u
     from talkinggs.video import frame_ranges
     keep = np.arange(478) if idx is None else np.asarray(idx)
     out = []
-    with FaceMesh(video_mode=video_mode) as fm:
+    with quiet_native_logs(), FaceMesh(video_mode=video_mode) as fm:   # mediapipe's C++ lines dropped (ch. 11)
         for i, img in enumerate(frames):
             img = np.asarray(img)
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:

@@ -36,6 +36,7 @@ def test_fewshot_two_rows_two_lengths_and_the_command(clip64_once, tmp_path):
     assert (out / "fewshot.png").stat().st_size > 0
     r = cli("ablation", str(out / "data_1s"), "--out", str(out / "1s"), "--lip", cwd=tmp_path)   # an ablation folder
     assert r.returncode == 0 and "table4_one_field" in r.stdout, r.stderr[-500:]
+    assert "TensorFlow Lite" not in r.stderr and "W0000" not in r.stderr      # mediapipe's C++ lines dropped
     with pytest.raises(ValueError, match="need 9 s"):
         fewshot(clip, tmp_path / "long", lengths=(7,), test_seconds=2, devices=["cpu"], base=TINY)
     r = cli("ablation", str(out / "data_1s"), "--out", str(tmp_path / "y"), "--config", "face_iter=3", cwd=tmp_path)
