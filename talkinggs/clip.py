@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .masks import HAIR, MOUTH, split_labels, neck_under_head, torso_bg_layer
+from .masks import HAIR, MOUTH, split_labels, torso_bg_layer
 from .features import audio_windows, frame_windows, lip_gap, transformer_features
 from .phones import phone_windows, av_offset
 from .bookkeeping import atomic_save, load_checkpoint
@@ -186,8 +186,7 @@ class TalkingDataset(torch.utils.data.Dataset):
                else torch.from_numpy(self.image(i)).to(self.device))                             # [H, W, 3]
         lab = self.labels(i)
         masks = {name: torch.from_numpy(m).to(self.device) for name, m in split_labels(lab).items()}  # [H, W] bool
-        plate = self.plate.cpu().numpy()
-        torso_bg = torch.from_numpy(torso_bg_layer(img.cpu().numpy(), lab, plate)).to(self.device)    # [H, W, 3]
+        torso_bg = torch.from_numpy(torso_bg_layer(img.cpu().numpy(), lab)).to(self.device)    # [H, W, 3]
         d = self.device
         return dict(index=i, image=img.float() / 255, torso_bg=torso_bg.float() / 255, **masks,
                     viewmat=self.viewmats[i].to(d), K=self.Ks[i].to(d), e=self.expr[i].to(d),
@@ -213,12 +212,12 @@ class FrameStore:
         self.train_idx = np.arange(*self.meta["split"]["train"])                  # [n_train] frame numbers
         self.test_idx = np.arange(*self.meta["split"]["test"])                    # [n_test]
         if on_device is None:
-            need = n * H * W * 4                                                   # bytes: RGB + labels
+            need = n * H * W * 7                                                   # bytes: RGB, labels, layer
             on_device = self.device.type != "cuda" or need < 0.5 * torch.cuda.mem_get_info(self.device)[0]
         where = self.device if on_device else torch.device("cpu")
         self.images = torch.empty((n, H, W, 3), dtype=torch.uint8, device=where)  # [N, H, W, 3]
         self.labels = torch.empty((n, H, W), dtype=torch.uint8, device=where)     # [N, H, W]
-        neck = np.empty((n, W, 5), np.int16)                                      # chapter 14: the neck under the jaw
+        self.layers = torch.empty((n, H, W, 3), dtype=torch.uint8, device=where)  # [N, H, W, 3] chapter 14
         for i in tqdm(range(n), desc="frames", disable=not progress, leave=False):
             img, lab = ds.image(i), ds.labels(i)
             if img.shape != (H, W, 3) or lab.shape != (H, W):
@@ -227,10 +226,9 @@ class FrameStore:
                                  f"the clip's meta.json says {W}x{H}: preprocess the clip again")
             self.images[i] = torch.from_numpy(img).to(where)
             self.labels[i] = torch.from_numpy(lab).to(where)
-            neck[i] = neck_under_head(lab, img)
+            self.layers[i] = torch.from_numpy(torso_bg_layer(img, lab)).to(where)
         d = self.device
         self.plate = ds.plate.to(d)                                               # [H, W, 3] uint8 background plate
-        self.neck = torch.from_numpy(neck).to(d)                                  # [N, W, 5] neck rows and colour
         self.viewmats, self.Ks, self.expr = ds.viewmats.to(d), ds.Ks.to(d), ds.expr.to(d)  # [N,4,4], [N,3,3], [N,7]
         if cameras is not None:
             if cameras.shape != self.viewmats.shape:
@@ -241,13 +239,9 @@ class FrameStore:
         self.signals = {k: v.numpy() for k, v in ds.signals.items()}              # name -> [N] (lips_open, au25, au45)
         self.landmarks = np.load(self.root / "landmarks.npy", mmap_mode="r")      # [N, 478, 3] pixels
 
-    def torso_layer(self, i: int, img: torch.Tensor, head: torch.Tensor) -> torch.Tensor:   # [H, W, 3] uint8
-        "Frame i's torso-and-background layer (chapter 14's `torso_bg_layer`, on the device)."
-        neck = self.neck[i]                                                       # [W, 5]
-        rows = torch.arange(self.H, device=self.device)[:, None]                  # [H, 1]
-        fill = head & (rows >= neck[:, 1]) & (rows < neck[:, 0]) & (neck[:, 0] >= 0)   # [H, W]
-        layer = torch.where(head[..., None], self.plate, img)
-        return torch.where(fill[..., None], neck[:, 2:].to(torch.uint8)[None], layer)
+    def torso_layer(self, i: int) -> torch.Tensor:                             # [H, W, 3] uint8 on the device
+        "Frame i's torso-and-background layer (chapter 14's `torso_bg_layer`, made once when the clip is read)."
+        return self.layers[i].to(self.device, non_blocking=True)
 
     def frame(self, i: int) -> dict[str, torch.Tensor]:
         "Frame `i` on the device: image and torso_bg [H, W, 3] float, masks head / mouth / face_only [H, W] bool."
@@ -255,6 +249,6 @@ class FrameStore:
         img = self.images[i].to(d, non_blocking=True)                             # [H, W, 3] uint8
         lab = self.labels[i].to(d, non_blocking=True)                             # [H, W] uint8
         head, mouth = lab >= HAIR, lab == MOUTH                                   # [H, W] bool each
-        torso_bg = self.torso_layer(i, img, head)                                 # [H, W, 3] uint8
+        torso_bg = self.torso_layer(i)                                           # [H, W, 3] uint8
         return dict(image=img.float() / 255, torso_bg=torso_bg.float() / 255, head=head, mouth=mouth,
                     face_only=head & ~mouth)

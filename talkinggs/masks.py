@@ -9,8 +9,8 @@ import numpy as np
 from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval
 
 # %% auto #0
-__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'NECK_ROWS', 'NECK_REACH', 'PersonSegmenter',
-           'frame_labels', 'split_labels', 'background_plate', 'neck_under_head', 'torso_bg_layer']
+__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'TORSO_MARGIN', 'PersonSegmenter', 'frame_labels',
+           'split_labels', 'background_plate', 'nearest_of', 'nearest_outside', 'torso_bg_layer']
 
 # %% ../nbs/14_masks.ipynb #72f66d3b
 BACKGROUND, TORSO, HAIR, FACE, MOUTH = 0, 1, 2, 3, 4   # label values (nested regions)
@@ -85,42 +85,35 @@ def background_plate(frames: np.ndarray,  # [K, H, W, 3] uint8, a sample of the 
     if (~seen).any(): plate = cv2.inpaint(plate, (~seen).astype(np.uint8), 5, cv2.INPAINT_TELEA)
     return plate
 
-NECK_ROWS = 3      # torso rows under the head whose mean colour is carried up (ours: a 512 px neck is ~100 rows)
-NECK_REACH = 0.5   # share of the head's height in a column that the neck is carried over (ours: the jaw's whole travel
-                   # is inside the lower half; the top half would show neck colour above a nodding head's hair)
+TORSO_MARGIN = 1.0   # px a torso pixel may lie farther than the nearest background pixel and still be chosen (ours:
+                     # the neck wins at a jaw's corners; edge check above: +1.6 dB Trump, -0.5 anchor)
 
-def neck_under_head(lab: np.ndarray,    # [H, W] uint8 labels
-                    frame: np.ndarray,  # [H, W, 3] uint8
-                    rows: int = NECK_ROWS,
-                    reach: float = NECK_REACH,
-                   ) -> np.ndarray:     # [W, 5] int16: first neck row, lowest filled row, colour (RGB); -1 rows: none
-    "Per column: where the torso meets the head from below, how far up it is carried, and the colour it carries."
-    H, W = lab.shape
+def nearest_of(src: np.ndarray,  # [H, W] bool source pixels
+              ) -> tuple[np.ndarray, np.ndarray]:   # [H, W] int32 flat index (y * W + x), [H, W] float32 distance
+    "For every pixel the nearest source pixel and its distance (cv2's 5x5 distance labels: within ~4 px of exact)."
+    H, W = src.shape
+    if not src.any(): return np.zeros((H, W), np.int32), np.full((H, W), np.inf, np.float32)
+    ys, xs = np.nonzero(src)                                                  # scan order: cv2's labels 1, 2, ...
+    dist, near = cv2.distanceTransformWithLabels((~src).astype(np.uint8), cv2.DIST_L2, 5,
+                                                 labelType=cv2.DIST_LABEL_PIXEL)  # [H, W] each
+    return (ys * W + xs).astype(np.int32)[near - 1], dist
+
+def nearest_outside(lab: np.ndarray,               # [H, W] uint8 labels
+                    margin: float = TORSO_MARGIN,  # px by which the torso is preferred to the background
+                   ) -> np.ndarray:                # [H, W] int32 flat index of the pixel each pixel shows
+    "Each head pixel: the nearest torso pixel, or the background's if it is `margin` px nearer; others: itself."
     head, torso = lab >= HAIR, lab == TORSO                                   # [H, W] each
-    cols = np.arange(W)
-    has_head = head.any(0)                                                    # [W]
-    first = np.argmax(head, 0)                                                # [W] highest head row
-    top = H - np.argmax(head[::-1], 0)                                        # [W] first row under the head
-    # [W] a torso pixel lies right under the head: the neck under the jaw, or shoulders under falling hair
-    neck = has_head & (top < H) & torso[np.minimum(top, H - 1), cols]
-    ys = np.minimum(top[None] + np.arange(rows)[:, None], H - 1)              # [rows, W]
-    ok = torso[ys, cols] & neck                                               # [rows, W] neck pixels sampled
-    colour = (frame[ys, cols] * ok[..., None]).sum(0) / np.maximum(ok.sum(0), 1)[:, None]   # [W, 3]
-    low = top - np.ceil(reach * (top - first)).astype(int)                    # [W] highest row filled
-    out = np.full((W, 5), -1, np.int16)
-    out[neck, 0], out[neck, 1] = top[neck], low[neck]
-    out[neck, 2:] = np.round(colour[neck]).astype(np.int16)
-    return out
+    if head.all(): raise ValueError("the head fills the whole frame: no pixel outside it to build a layer from")
+    nt, dt = nearest_of(torso)
+    nb, db = nearest_of(~head & ~torso)
+    near = np.where(dt <= db + margin, nt, nb)                                # [H, W]
+    return np.where(head, near, np.arange(lab.size, dtype=np.int32).reshape(lab.shape))
 
 def torso_bg_layer(frame: np.ndarray,              # [H, W, 3] uint8
                    lab: np.ndarray,                # [H, W] uint8 labels
-                   plate: np.ndarray,              # [H, W, 3] uint8 background plate
-                   neck: np.ndarray | None = None, # [W, 5] `neck_under_head` of this frame (None: computed here)
+                   *,
+                   near: np.ndarray | None = None, # [H, W] `nearest_outside(lab)` (None: computed here)
                   ) -> np.ndarray:                 # [H, W, 3] uint8
-    "The frame outside the head, the plate inside it, and the torso carried up under the jaw and hair."
-    neck = neck_under_head(lab, frame) if neck is None else neck
-    head = lab >= HAIR                                                        # [H, W]
-    rows = np.arange(lab.shape[0])[:, None]                                   # [H, 1]
-    fill = head & (rows >= neck[:, 1]) & (rows < neck[:, 0]) & (neck[:, 0] >= 0)   # [H, W]
-    out = np.where(head[..., None], plate, frame)
-    return np.where(fill[..., None], neck[None, :, 2:].astype(np.uint8), out)
+    "The frame outside the head; inside it, each pixel shows the frame's colour at the nearest pixel outside the head."
+    near = nearest_outside(lab) if near is None else near
+    return frame.reshape(-1, 3)[near]

@@ -296,19 +296,23 @@ def test_pipeline_learns_the_known_lip_motion(clip, tmp_path):
 # ---------------------------------------------------------------- the layer behind the head (issue 26)
 
 def test_a_moved_head_uncovers_no_background_between_jaw_and_neck(clip):
-    """The torso layer carries the neck up under the jaw: a head drawn higher than its mask leaves neck, not plate,
-    below."""
+    """The torso layer fills the head with the nearest colours outside it: a head drawn higher than its mask leaves
+    neck, not plate, between its jaw and the neck."""
+    from talkinggs.masks import FACE, TORSO, nearest_outside
     store = FrameStore(clip, "cpu", progress=False)
     uncovered = 0
     for i in store.test_idx:
-        fr = store.frame(int(i))
+        fr, lab = store.frame(int(i)), store.labels[int(i)].numpy()                 # lab: [H, W] uint8
         head = fr["head"]                                                           # [H, W]
         moved = torch.roll(head, -2, dims=0)                                        # the head two rows higher
-        neck_cols = store.neck[int(i), :, 0] >= 0                                   # [W] a neck under the jaw
-        gap = head & ~moved & neck_cols[None]                                       # newly visible, above the neck
+        h, cols = lab.shape[0], np.arange(lab.shape[1])
+        top = h - np.argmax(head.numpy()[::-1], 0)                                  # [W] first row under the head
+        jaw = (top < h) & (lab[np.minimum(top, h - 1), cols] == TORSO) & (lab[top - 1, cols] == FACE)   # [W]
+        gap = head & ~moved & torch.from_numpy(jaw)[None]                           # newly visible, above the neck
+        source = lab.reshape(-1)[nearest_outside(lab)]                              # [H, W] label each pixel shows
+        assert (source[gap.numpy()] == TORSO).all(), f"frame {i}: background below the jaw"
         plate = store.plate.float() / 255
-        assert not (fr["torso_bg"][gap] == plate[gap]).all(-1).any(), f"frame {i}: background below the jaw"
-        old = torch.where(head[..., None], plate, fr["image"])                      # the layer before the neck
+        old = torch.where(head[..., None], plate, fr["image"])                      # the plate under the head
         assert (old[gap] == plate[gap]).all()                                       # showed the plate right there
         uncovered += int(gap.sum())
     assert uncovered > 0                                                            # the check saw such pixels
