@@ -239,16 +239,12 @@ class FrameStore:
         self.signals = {k: v.numpy() for k, v in ds.signals.items()}              # name -> [N] (lips_open, au25, au45)
         self.landmarks = np.load(self.root / "landmarks.npy", mmap_mode="r")      # [N, 478, 3] pixels
 
-    def torso_layer(self, i: int) -> torch.Tensor:                             # [H, W, 3] uint8 on the device
-        "Frame i's torso-and-background layer (chapter 14's `torso_bg_layer`, made once when the clip is read)."
-        return self.layers[i].to(self.device, non_blocking=True)
-
     def frame(self, i: int) -> dict[str, torch.Tensor]:
         "Frame `i` on the device: image and torso_bg [H, W, 3] float, masks head / mouth / face_only [H, W] bool."
         d = self.device
         img = self.images[i].to(d, non_blocking=True)                             # [H, W, 3] uint8
         lab = self.labels[i].to(d, non_blocking=True)                             # [H, W] uint8
         head, mouth = lab >= HAIR, lab == MOUTH                                   # [H, W] bool each
-        torso_bg = self.torso_layer(i)                                           # [H, W, 3] uint8
+        torso_bg = self.layers[i].to(d, non_blocking=True)                       # [H, W, 3] uint8, chapter 14
         return dict(image=img.float() / 255, torso_bg=torso_bg.float() / 255, head=head, mouth=mouth,
                     face_only=head & ~mouth)

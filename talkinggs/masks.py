@@ -111,9 +111,6 @@ def nearest_outside(lab: np.ndarray,               # [H, W] uint8 labels
 
 def torso_bg_layer(frame: np.ndarray,              # [H, W, 3] uint8
                    lab: np.ndarray,                # [H, W] uint8 labels
-                   *,
-                   near: np.ndarray | None = None, # [H, W] `nearest_outside(lab)` (None: computed here)
                   ) -> np.ndarray:                 # [H, W, 3] uint8
     "The frame outside the head; inside it, each pixel shows the frame's colour at the nearest pixel outside the head."
-    near = nearest_outside(lab) if near is None else near
-    return frame.reshape(-1, 3)[near]
+    return frame.reshape(-1, 3)[nearest_outside(lab)]
