@@ -24,7 +24,8 @@ from .run import Run, Stage, CameraSource, JointCameras, run_stage
 
 # %% auto #0
 __all__ = ['RULES', 'scene_scale', 'gaussian_lrs', 'densifier', 'branch_optimizers', 'face_loss', 'keep_in_box',
-           'init_colors_from_frames', 'BranchRules', 'FaceRules', 'MouthRules', 'BranchStage', 'train_branch']
+           'init_colors_from_frames', 'BranchRules', 'face_backdrop', 'FaceRules', 'MouthRules', 'BranchStage',
+           'train_branch']
 
 # %% ../nbs/29a_branch_stage.ipynb #2313be7f
 def scene_scale(store: FrameStore, frame: int, center: torch.Tensor) -> float:   # center: [3]
@@ -148,6 +149,13 @@ class BranchRules:
     def after_step(self, branch: Branch, cfg: TrainConfig) -> None:
         "What happens to the branch after each optimiser step (nothing by default)."
 
+def face_backdrop(batch: list[dict],      # the batch's frames (`FrameStore.frame`)
+                  cfg: TrainConfig, device) -> torch.Tensor | None:   # [3], [B, H, W, 3], or None (black)
+    "What the face branch is drawn over in its loss: a random colour (random_bg), chapter 14's layer, or black."
+    if cfg.random_bg: return torch.rand(3, device=device)
+    if cfg.face_bg == "layer": return torch.stack([fr["torso_bg"] for fr in batch])
+    return None
+
 class FaceRules(BranchRules):
     "The face branch: every training frame, the lips then AU45 windows, face loss + alpha, the lip-landmark term."
     name, seed_offset = "face", 0
@@ -174,8 +182,8 @@ class FaceRules(BranchRules):
             self.patches = torch.as_tensor(boxes, device=store.device)
 
     def image_loss(self, rgb, alpha, target, mask, batch, cfg, numbers):
-        if cfg.random_bg:   # off the face (mouth, torso, background) the render must show the colour behind it
-            bg = torch.rand(3, device=rgb.device)                                 # [3]
+        bg = face_backdrop(batch, cfg, rgb.device)                                # [3] or [B, H, W, 3]; None: black
+        if bg is not None:   # off the face (mouth, torso, background) the render must show what is behind it
             rgb, target = composite_over(rgb, alpha, bg), target + (~mask[..., None]) * bg
         loss = face_loss(rgb, target, alpha, mask, cfg)
         if self.patches is not None:   # GSTalker's λ3·L_lips

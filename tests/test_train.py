@@ -172,7 +172,7 @@ def test_random_background_makes_opaque_black_off_the_face_cost():
     mask = torch.ones(1, 8, 8, dtype=torch.bool); mask[:, 3:5, 2:6] = False          # a "mouth" hole in the face mask
     target = torch.zeros(1, 8, 8, 3)                                                # black face, black outside
     base = dict(alpha_weight=0.0, ssim_lambda=0.0)
-    black, _ = FaceRules().image_loss(rgb, alpha, target, mask, [], TrainConfig(**base), [0])
+    black, _ = FaceRules().image_loss(rgb, alpha, target, mask, [], TrainConfig(face_bg="black", **base), [0])
     coloured, _ = FaceRules().image_loss(rgb, alpha, target, mask, [], TrainConfig(random_bg=True, **base), [0])
     assert black.item() == 0 and coloured.item() > 0.01
 
