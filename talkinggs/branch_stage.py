@@ -149,8 +149,10 @@ class BranchRules:
     def after_step(self, branch: Branch, cfg: TrainConfig) -> None:
         "What happens to the branch after each optimiser step (nothing by default)."
 
-def face_backdrop(batch: list[dict],      # the batch's frames (`FrameStore.frame`)
-                  cfg: TrainConfig, device) -> torch.Tensor | None:   # [3], [B, H, W, 3], or None (black)
+def face_backdrop(batch: list[dict],              # the batch's frames (`FrameStore.frame`)
+                  cfg: TrainConfig,
+                  device: torch.device | str,       # where a random colour is made
+                 ) -> torch.Tensor | None:          # [3] random colour, [B, H, W, 3] layers, or None (black)
     "What the face branch is drawn over in its loss: a random colour (random_bg), chapter 14's layer, or black."
     if cfg.random_bg: return torch.rand(3, device=device)
     if cfg.face_bg == "layer": return torch.stack([fr["torso_bg"] for fr in batch])
