@@ -136,14 +136,14 @@ def render_cli(run: RUN,
                quiet: QUIET = False):
     "Render a talking-head video driven by any audio, audio muxed in."
     from talkinggs.synthesize import render_video
-    from talkinggs.samples import SAMPLES, get_sample
+    from talkinggs.samples import speech_file
     try:
-        if audio and not Path(audio).exists() and audio in SAMPLES: audio = str(get_sample(audio))   # a sample
+        if audio: audio = speech_file(audio, "--audio")   # a sample's name or a file; decoded once here
         r = render_video(run, out, audio, data, background, device, progress=not quiet)
     except KeyboardInterrupt:
         print(f"talkinggs render: interrupted; {out} was not written", file=sys.stderr)
         sys.exit(130)
-    except (FileNotFoundError, ValueError, IOError) as e: _fail("render", e)
+    except (FileNotFoundError, ValueError, IOError, ImportError) as e: _fail("render", e)
     print(f"{out}: {r['frames']} frames in {r['seconds']:.1f} s")
 
 @call_parse
@@ -286,7 +286,7 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
     from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics, check_rows, failed_rows
     from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
-    from talkinggs.samples import SAMPLES, get_sample
+    from talkinggs.samples import speech_file
     from talkinggs.cluster import ray_pool
     if list_rows:
         for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")
@@ -298,8 +298,7 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
             if lip: fill_lip_metrics(out, data)
             else:
                 if data is None: raise ValueError("DATA is needed (the preprocessed clip the rows train on)")
-                if novel and not Path(novel).exists() and novel in SAMPLES: novel = str(get_sample(novel))
-                if novel and not Path(novel).is_file(): raise FileNotFoundError(f"--novel {novel}: no such audio file")
+                if novel: novel = speech_file(novel, "--novel")   # decoded now, not after the training
                 names, sd = check_rows(rows.split(",") if rows else None), _numbers(seeds, int, "--seeds")
                 devs = devices.split(",") if devices else None
                 ablate(data, out, names, sd, devs, parse_changes(config) or None, novel=novel, redo=redo,

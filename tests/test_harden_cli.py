@@ -48,3 +48,15 @@ def test_ablate_into_a_folder_it_cannot_make_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")                  # OUT below a file: mkdir fails (an OSError)
     _one_line(_cli("ablate", data, "--out", tmp_path / "a_file" / "A", "--rows", "baseline", "--devices", "cpu"),
               "talkinggs ablate: error", "a_file")
+
+
+def test_ablate_refuses_new_audio_that_does_not_decode_before_training(tmp_path):
+    data = tmp_path / "fake"
+    data.mkdir()
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
+                split=dict(train=[0, 114], test=[114, 126]))
+    (data / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "voice.wav").write_text("not audio")                  # named like speech; before, the rows trained
+    _one_line(_cli("ablate", data, "--out", tmp_path / "A", "--rows", "baseline", "--devices", "cpu",
+                   "--novel", tmp_path / "voice.wav"), "--novel voice.wav: no decodable audio")
+    assert not (tmp_path / "A").exists()                              # refused before any row folder was made
