@@ -136,7 +136,7 @@ def render_cli(run: RUN,
                quiet: QUIET = False):
     "Render a talking-head video driven by any audio, audio muxed in."
     from talkinggs.synthesize import render_video
-    from talkinggs.samples import speech_file
+    from talkinggs.features import speech_file
     try:
         if audio: audio = speech_file(audio, "--audio")   # a sample's name or a file; decoded once here
         r = render_video(run, out, audio, data, background, device, progress=not quiet)
@@ -286,7 +286,7 @@ def ablate_cli(data: Param("preprocessed data folder (talkinggs preprocess)", st
     from talkinggs.ablation import ROWS as TABLE_ROWS, ROW_GROUPS, ablate, fill_lip_metrics, check_rows, failed_rows
     from talkinggs.bookkeeping import Interrupted, sigterm_as_interrupt
     from talkinggs.train_config import parse_changes
-    from talkinggs.samples import speech_file
+    from talkinggs.features import speech_file
     from talkinggs.cluster import ray_pool
     if list_rows:
         for r in TABLE_ROWS.values(): print(f"{r.name:<22} {r.cause}  {r.changes or ''}")

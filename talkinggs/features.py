@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 from .landmarks import (LIP_GAP_PAIRS, MOUTH_CORNERS, INNER_LIP, OUTER_LIP, RIGHT_EYE, LEFT_EYE,
                                  RIGHT_IRIS, LEFT_IRIS, RIGHT_BROW, LEFT_BROW)
+from .samples import SAMPLES, get_sample
+from .video import load_audio
 
 # %% auto #0
 __all__ = ['AU_NAMES', 'lip_gap', 'eye_aspect_ratio', 'normalise_per_video', 'action_signals', 'load_openface_aus',
-           'align_length', 'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features']
+           'align_length', 'audio_windows', 'frame_windows', 'load_feature_array', 'transformer_features',
+           'speech_file']
 
 # %% ../nbs/15_features.ipynb #2f6d22f8
 def lip_gap(lms: np.ndarray,   # [..., 478, >=2] landmarks in pixels
@@ -173,3 +176,17 @@ def transformer_features(audio: np.ndarray,       # [S] float32 mono at 16 kHz
         h = model(x).last_hidden_state[0].float().cpu().numpy()        # [2N + 1, hidden]: one per 20 ms step
     h = align_length(h[:2 * n_frames], 2 * n_frames, unit=2, what="model output", pad="edge")   # the extra one off
     return h.reshape(n_frames, 2, -1)
+
+# %% ../nbs/15_features.ipynb #516548dd
+def speech_file(name: str,            # a sample's name (`SAMPLES`), or the path of any audio or video with sound
+                flag: str = "audio",  # what the caller calls it in messages (e.g. "--novel")
+               ) -> str:              # its path, decoded once to check it
+    "Path of a speech recording (a sample's name resolved like `get_sample`), refused in one line if it cannot decode."
+    path = Path(name)
+    if not path.exists() and name in SAMPLES: path = get_sample(name)
+    if not path.is_file(): raise FileNotFoundError(f"{flag} {name}: no such audio file")
+    try: load_audio(path)
+    except ImportError as e:
+        raise ImportError(f"{flag} {name}: cannot decode audio without {e.name} (pip install imageio-ffmpeg)") from None
+    except ValueError as e: raise ValueError(f"{flag} {e}") from None   # chapter 12's VideoError: file and reason
+    return str(path)

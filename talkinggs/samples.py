@@ -8,8 +8,7 @@ import hashlib, importlib.util, json, os, tempfile, urllib.request
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SAMPLES', 'write_manifest', 'repo_root', 'data_dirs', 'cache_dir', 'sha256sum', 'find_sample', 'get_sample',
-           'speech_file']
+__all__ = ['SAMPLES', 'write_manifest', 'repo_root', 'data_dirs', 'cache_dir', 'sha256sum', 'find_sample', 'get_sample']
 
 # %% ../nbs/10_samples.ipynb #a55d6de6
 SAMPLES: dict[str, dict] = {
@@ -103,18 +102,3 @@ def get_sample(name: str,              # a file name from `SAMPLES` (or any file
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return dst
-
-# %% ../nbs/10_samples.ipynb #a3ea4a91
-def speech_file(name: str,            # a sample's name (`SAMPLES`), or the path of any audio or video with sound
-                flag: str = "audio",  # what the caller calls it in messages (e.g. "--novel")
-               ) -> str:              # its path, decoded once to check it
-    "Path of a speech recording (a sample's name resolved like `get_sample`), refused in one line if it cannot decode."
-    from talkinggs.video import load_audio   # chapter 12 (ffmpeg), imported here: this chapter comes first
-    path = Path(name)
-    if not path.exists() and name in SAMPLES: path = get_sample(name)
-    if not path.is_file(): raise FileNotFoundError(f"{flag} {name}: no such audio file")
-    try: load_audio(path)
-    except ImportError as e:
-        raise ImportError(f"{flag} {name}: cannot decode audio without {e.name} (pip install imageio-ffmpeg)") from None
-    except ValueError as e: raise ValueError(f"{flag} {e}") from None   # chapter 12's VideoError: name and reason
-    return str(path)
