@@ -177,7 +177,7 @@ def transformer_features(audio: np.ndarray,       # [S] float32 mono at 16 kHz
     h = align_length(h[:2 * n_frames], 2 * n_frames, unit=2, what="model output", pad="edge")   # the extra one off
     return h.reshape(n_frames, 2, -1)
 
-# %% ../nbs/15_features.ipynb #516548dd
+# %% ../nbs/15_features.ipynb #2f335687
 def speech_file(name: str,            # a sample's name (`SAMPLES`), or the path of any audio or video with sound
                 flag: str = "audio",  # what the caller calls it in messages (e.g. "--novel")
                ) -> str:              # its path, decoded once to check it
