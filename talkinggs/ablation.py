@@ -19,7 +19,7 @@ from .clip import read_meta
 from .model import METHODS
 from .run import saved_config, SAFE_ON_RESUME
 from .train import train
-from .evaluate import evaluate, render_frames, lip_spread
+from .evaluate import evaluate, render_frames, lip_spread, LIP_KEYS
 from .rasterize import build_gsplat
 
 # %% auto #0
@@ -391,8 +391,7 @@ def fill_lip_metrics(out: str | Path, data: str | Path | None = None) -> list[di
                 rep["data"] = str(data)
                 atomic_write_text(json.dumps(rep, indent=1), rp)
             rep = evaluate(run, static=static, lmd_only=True)
-            r[split].update({k: rep["summary"].get(k)
-                             for k in ("lmd", "lmd_centred", "mouth_open_corr", "mouth_open_share", "faces_found")})
+            r[split].update({k: rep["summary"].get(k) for k in LIP_KEYS})
         if (run / "novel" / "frames.json").is_file(): r["novel"] = lip_spread(run / "novel", data)
         atomic_write_text(json.dumps(r, indent=1, default=float), p)
         res.append(r)

@@ -19,13 +19,13 @@ from .pose_refine import refine_cameras
 from .run import saved_config
 from .metrics import (
     psnr_masked, face_box, ssim_in_box, side_by_side, to_uint8, lpips_or_none, error_map, error_colors,
-    region_masks, region_psnr, REGIONS,
-    mouth_landmarks, lmd, mouth_opening, pearson, correlation, spread_share, audio_energy, summarize)
+    region_masks, region_psnr, REGIONS, summarize,
+    mouth_landmarks, lmd, mouth_opening, pearson, correlation, correlation_interval, spread_share, audio_energy)
 from .landmarks import MOUTH_IDX
 from .synthesize import load_run, Renderer, audio_features, drive_track, driven_frames
 
 # %% auto #0
-__all__ = ['LMD_SET', 'evaluate', 'render_frames', 'lip_spread', 'mouth_audio_sync']
+__all__ = ['LMD_SET', 'LIP_KEYS', 'evaluate', 'render_frames', 'lip_spread', 'mouth_audio_sync']
 
 # %% ../nbs/32_evaluate.ipynb #23d8e50e
 def _mediapipe_ok() -> str | None:
@@ -35,6 +35,9 @@ def _mediapipe_ok() -> str | None:
     except Exception as e: return f"mediapipe not importable ({type(e).__name__}: {e})"
 
 LMD_SET = "mediapipe FaceMesh, the 40 lip-contour points (INNER_LIP + OUTER_LIP)"   # the landmark set LMD is over
+# what `_lip_metrics` adds to a report's summary (and `ablate --lip` copies into each row)
+LIP_KEYS = ("lmd", "lmd_centred", "mouth_open_corr", "mouth_open_corr_lo", "mouth_open_corr_hi", "mouth_open_share",
+            "faces_found")
 
 def _lip_metrics(renders: np.ndarray, store: FrameStore, idx: np.ndarray) -> dict:
     "LMD (absolute, centred), mouth-opening correlation and spread share of renders [N, H, W, 3] uint8 vs the truth."
@@ -45,9 +48,10 @@ def _lip_metrics(renders: np.ndarray, store: FrameStore, idx: np.ndarray) -> dic
     scale = 512 / store.W
     op_pred, op_gt = mouth_opening(lm_pred), mouth_opening(lm_gt)
     a, b = lm_pred[:, MOUTH_IDX], lm_gt[:, MOUTH_IDX]                         # [N, 40, 2]
+    lo, hi = correlation_interval(op_pred, op_gt)                             # 95 %: a dozen frames say little
     return dict(lmd=lmd(a, b, scale=scale), lmd_centred=lmd(a, b, scale=scale, centred=True),
-                mouth_open_corr=pearson(op_pred, op_gt), mouth_open_share=spread_share(op_pred, op_gt),
-                faces_found=float((~np.isnan(lm_pred[:, 0, 0])).mean()))
+                mouth_open_corr=pearson(op_pred, op_gt), mouth_open_corr_lo=lo, mouth_open_corr_hi=hi,
+                mouth_open_share=spread_share(op_pred, op_gt), faces_found=float((~np.isnan(lm_pred[:, 0, 0])).mean()))
 
 def _eval_frames(store: FrameStore, split: str, train_frames: int) -> np.ndarray:  # [F] frame numbers
     "The test split, or at most `train_frames` evenly spaced training frames."

@@ -18,8 +18,8 @@ from .landmarks import (INNER_LIP, OUTER_LIP, MOUTH_IDX, RIGHT_EYE, LEFT_EYE,
 # %% auto #0
 __all__ = ['REGIONS', 'psnr_masked', 'region_masks', 'region_psnr', 'face_box', 'ssim_in_box', 'error_map', 'error_colors',
            'side_by_side', 'mouth_landmarks', 'lmd', 'mouth_opening', 'pearson', 'correlation', 'spread_share',
-           'audio_energy', 'smooth', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none', 'summarize',
-           'metrics_table']
+           'audio_energy', 'smooth', 'correlation_interval', 'lpips_missing', 'lpips_net', 'lpips_fn', 'lpips_or_none',
+           'summarize', 'metrics_table']
 
 # %% ../nbs/18_metrics.ipynb #21d2070d
 def psnr_masked(pred: torch.Tensor | np.ndarray,  # [H, W, 3] render, float in [0, 1] (or uint8 numpy)
@@ -258,6 +258,21 @@ def smooth(x: np.ndarray,  # [N] signal
     if k == 1 or len(x) == 0: return x.astype(np.float32)
     xp = np.pad(x, k // 2, mode="edge")
     return np.convolve(xp, np.ones(k) / k, mode="valid").astype(np.float32)
+
+# %% ../nbs/18_metrics.ipynb #63b7e9ec
+def correlation_interval(a: np.ndarray,         # [N] first signal
+                         b: np.ndarray,         # [N] second signal
+                         level: float = 0.95,   # confidence level
+                        ) -> tuple[float, float]:   # (low, high); NaNs: under 4 finite pairs or a constant signal
+    "Confidence interval of the Pearson correlation over the finite pairs (Fisher's z, through scipy's `pearsonr`)."
+    from scipy.stats import pearsonr
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
+    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
+    x, y = x[ok], y[ok]
+    if len(x) < 4 or np.ptp(x) == 0 or np.ptp(y) == 0: return float("nan"), float("nan")   # no standard error
+    ci = pearsonr(x, y).confidence_interval(level)
+    return float(ci.low), float(ci.high)
 
 # %% ../nbs/18_metrics.ipynb #0a6ec935
 _LPIPS_BACKBONES = {  # lpips net -> (torchvision weights enum, file name torchvision saves the ImageNet weights as)

@@ -16,8 +16,8 @@ from talkinggs.core import to_uint8
 from talkinggs.landmarks import MOUTH_IDX
 from talkinggs.video import VideoWriter, write_video, mirrored_loop
 from talkinggs.metrics import (psnr_masked, face_box, ssim_in_box, error_map, side_by_side,
-                               mouth_landmarks, lmd, mouth_opening, pearson, audio_energy, smooth, lpips_missing,
-                               lpips_fn, summarize, metrics_table, _lpips_backbone_file)
+                               mouth_landmarks, lmd, mouth_opening, pearson, correlation_interval, audio_energy,
+                               smooth, lpips_missing, lpips_fn, summarize, metrics_table, _lpips_backbone_file)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # one torch thread on shared CI cores (conftest.py)
 KATIE = find_sample("hdtf_katie_8s.mp4")
@@ -165,6 +165,22 @@ def test_lmd_real_frames_shifted():
 
 
 # ---------------------------------------------------------------- correlations and audio
+
+def test_correlation_interval_is_fishers_z_and_narrows_with_frames():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=15)
+    b = a + 2 * rng.normal(size=15)
+    r, half = pearson(a, b), 1.959964 / math.sqrt(15 - 3)          # tanh(atanh(r) ± z / √(N − 3))
+    lo, hi = correlation_interval(a, b)
+    assert lo < r < hi
+    assert abs(lo - math.tanh(math.atanh(r) - half)) < 1e-5 and abs(hi - math.tanh(math.atanh(r) + half)) < 1e-5
+    lo4, hi4 = correlation_interval(np.tile(a, 4), np.tile(b, 4))    # same r, four times the frames: narrower
+    assert hi4 - lo4 < (hi - lo) / 1.8
+    assert all(math.isnan(v) for v in correlation_interval([1, 2, 3], [3, 1, 2]))        # 3 pairs: no interval
+    assert all(math.isnan(v) for v in correlation_interval([2, 2, 2, 2], [1, 2, 3, 4]))  # a constant signal
+    with pytest.raises(ValueError, match="length"):
+        correlation_interval([1, 2, 3, 4], [1, 2, 3])
+
 
 def test_pearson():
     assert pearson([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
