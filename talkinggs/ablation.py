@@ -326,6 +326,7 @@ TABLE_COLUMNS = [   # (header, split, key in the summary)
     ("head PSNR", "test", "psnr_head"), ("PSNR", "test", "psnr"), ("SSIM face", "test", "ssim_face"),
     ("LMD centred", "test", "lmd_centred"), ("LMD", "test", "lmd"),
     ("LMD centred static", "test_static", "lmd_centred"), ("mouth corr", "test", "mouth_open_corr"),
+    ("corr 95 % low", "test", "mouth_open_corr_lo"), ("corr 95 % high", "test", "mouth_open_corr_hi"),
     ("lip spread", "test", "mouth_open_share"), ("lip spread new audio", "novel", "novel_open_share"),
     ("mouth interior", "test", "psnr_mouth_interior"), ("lips", "test", "psnr_lips"),
     ("silhouette", "test", "psnr_silhouette"), ("jaw band", "test", "psnr_jaw_neck"),
