@@ -1,5 +1,5 @@
 """pytest configuration: the `gpu` marker skips (with a reason) where CUDA or gsplat is missing."""
-import hashlib, shutil
+import hashlib, json, shutil
 from pathlib import Path
 
 import pytest
@@ -74,3 +74,14 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture
+def fake_clip(tmp_path) -> Path:
+    "A data folder that passes every check before training (meta.json of a 5 s clip at 25 fps) but has no frames."
+    d = tmp_path / "fake"
+    d.mkdir()
+    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
+                split=dict(train=[0, 114], test=[114, 126]))
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d

@@ -20,16 +20,6 @@ def _one_line(r: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
-def _fake_clip(tmp_path: Path) -> Path:
-    "A folder that passes as a preprocessed clip until something reads its frames (meta.json only)."
-    data = tmp_path / "fake"
-    data.mkdir()
-    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
-                split=dict(train=[0, 114], test=[114, 126]))
-    (data / "meta.json").write_text(json.dumps(meta))
-    return data
-
-
 def test_eval_sync_needs_only_a_video():
     r = _cli("eval", "--sync", HEAD / "video.mp4")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -50,15 +40,15 @@ def test_a_demo_rerun_with_other_settings_is_refused_by_name(tmp_path):
     _one_line(_cli("demo", "--out", out, "--face_iters", 40, "--quiet"), "--face_iters 30", "another --out")
 
 
-def test_ablate_into_a_folder_it_cannot_make_is_one_line(tmp_path):
-    data = _fake_clip(tmp_path)
+def test_ablate_into_a_folder_it_cannot_make_is_one_line(fake_clip, tmp_path):
+    data = fake_clip
     (tmp_path / "a_file").write_text("not a folder")                  # OUT below a file: mkdir fails (an OSError)
     _one_line(_cli("ablate", data, "--out", tmp_path / "a_file" / "A", "--rows", "baseline", "--devices", "cpu"),
               "talkinggs ablate: error", "a_file")
 
 
-def test_ablate_refuses_new_audio_that_does_not_decode_before_training(tmp_path):
-    data = _fake_clip(tmp_path)
+def test_ablate_refuses_new_audio_that_does_not_decode_before_training(fake_clip, tmp_path):
+    data = fake_clip
     (tmp_path / "voice.wav").write_text("not audio")                  # named like speech; before, the rows trained
     _one_line(_cli("ablate", data, "--out", tmp_path / "A", "--rows", "baseline", "--devices", "cpu",
                    "--novel", tmp_path / "voice.wav"), "--novel voice.wav: no decodable audio")

@@ -26,14 +26,9 @@ def one_line(err: str, *needles) -> None:
 
 
 @pytest.fixture
-def fake(tmp_path) -> Path:
-    "A data folder that passes every check before training (meta.json of a 5 s clip at 25 fps) but has no frames."
-    d = tmp_path / "fake"
-    d.mkdir()
-    meta = dict(n_frames=126, fps=25.0, width=64, height=64, sample_rate=16000,
-                split=dict(train=[0, 114], test=[114, 126]))
-    (d / "meta.json").write_text(json.dumps(meta))
-    return d
+def fake(fake_clip) -> Path:
+    "conftest's fake clip (meta.json only), under the short name these tests use."
+    return fake_clip
 
 
 def made_row(out: Path, data: Path, name: str = "baseline", **changes) -> Path:
