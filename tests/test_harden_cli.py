@@ -41,15 +41,13 @@ def test_a_demo_rerun_with_other_settings_is_refused_by_name(tmp_path):
 
 
 def test_ablate_into_a_folder_it_cannot_make_is_one_line(fake_clip, tmp_path):
-    data = fake_clip
     (tmp_path / "a_file").write_text("not a folder")                  # OUT below a file: mkdir fails (an OSError)
-    _one_line(_cli("ablate", data, "--out", tmp_path / "a_file" / "A", "--rows", "baseline", "--devices", "cpu"),
+    _one_line(_cli("ablate", fake_clip, "--out", tmp_path / "a_file" / "A", "--rows", "baseline", "--devices", "cpu"),
               "talkinggs ablate: error", "a_file")
 
 
 def test_ablate_refuses_new_audio_that_does_not_decode_before_training(fake_clip, tmp_path):
-    data = fake_clip
     (tmp_path / "voice.wav").write_text("not audio")                  # named like speech; before, the rows trained
-    _one_line(_cli("ablate", data, "--out", tmp_path / "A", "--rows", "baseline", "--devices", "cpu",
+    _one_line(_cli("ablate", fake_clip, "--out", tmp_path / "A", "--rows", "baseline", "--devices", "cpu",
                    "--novel", tmp_path / "voice.wav"), "--novel voice.wav: no decodable audio")
     assert not (tmp_path / "A").exists()                              # refused before any row folder was made
