@@ -193,14 +193,20 @@ def mouth_opening(lms: np.ndarray,  # [..., 478, >=2] or [..., len(MOUTH_IDX), >
     return lip_gap(lms).astype(np.float32)
 
 # %% ../nbs/18_metrics.ipynb #9b9d1390
+def _finite_pairs(a: np.ndarray,  # [N] first signal
+                  b: np.ndarray,  # [N] second signal
+                 ) -> tuple[np.ndarray, np.ndarray]:   # [M], [M] float64: the pairs where both are finite
+    "The pairs of two equally long signals where both are finite (a frame without a face is NaN); unequal: ValueError."
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
+    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
+    return x[ok], y[ok]
+
 def pearson(a: np.ndarray,  # [N] first signal
             b: np.ndarray,  # [N] second signal
            ) -> float:      # correlation in [-1, 1]; NaN if fewer than 2 finite pairs or a signal is constant
     "Pearson correlation over the finite pairs of two signals; NaN (no warning) when undefined."
-    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
-    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
-    x, y = x[ok], y[ok]
+    x, y = _finite_pairs(a, b)                                              # [M], [M]
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0: return float("nan")  # undefined: too short or constant
     x, y = x - x.mean(), y - y.mean()
     return float(np.clip((x * y).sum() / math.sqrt(float((x * x).sum() * (y * y).sum())), -1, 1))
@@ -211,11 +217,9 @@ def correlation(a: np.ndarray,            # [N] first signal
                 min_pairs: int = 3,       # fewer finite pairs: too few to say anything (2 points always give ±1)
                ) -> tuple[float | None, str | None]:   # (r, None), or (None, why it cannot be computed)
     "`pearson` for reports (strict JSON has no NaN): the correlation, or None with the reason it is undefined."
-    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
-    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
-    if ok.sum() < min_pairs: return None, f"too few frames ({int(ok.sum())} usable, need {min_pairs})"
-    for name, v in zip(names, (x[ok], y[ok])):
+    x, y = _finite_pairs(a, b)                                              # [M], [M]
+    if len(x) < min_pairs: return None, f"too few frames ({len(x)} usable, need {min_pairs})"
+    for name, v in zip(names, (x, y)):
         if np.ptp(v) == 0: return None, f"{name} is constant"
     return pearson(x, y), None
 
@@ -266,10 +270,7 @@ def correlation_interval(a: np.ndarray,         # [N] first signal
                         ) -> tuple[float, float]:   # (low, high); NaNs: under 4 finite pairs or a constant signal
     "Confidence interval of the Pearson correlation over the finite pairs (Fisher's z, through scipy's `pearsonr`)."
     from scipy.stats import pearsonr
-    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if x.shape != y.shape: raise ValueError(f"signals differ in length: {x.shape[0]} vs {y.shape[0]}")
-    ok = np.isfinite(x) & np.isfinite(y)                                    # [N] usable pairs
-    x, y = x[ok], y[ok]
+    x, y = _finite_pairs(a, b)                                              # [M], [M]
     if len(x) < 4 or np.ptp(x) == 0 or np.ptp(y) == 0: return float("nan"), float("nan")   # no standard error
     ci = pearsonr(x, y).confidence_interval(level)
     return float(ci.low), float(ci.high)
