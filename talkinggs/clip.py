@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .masks import HAIR, MOUTH, split_labels, torso_bg_layer
+from .masks import HAIR, MOUTH, split_labels, torso_bg_layer, detached_to_torso
 from .features import audio_windows, frame_windows, lip_gap, transformer_features
 from .phones import phone_windows, av_offset
 from .bookkeeping import atomic_save, load_checkpoint
@@ -175,8 +175,8 @@ class TalkingDataset(torch.utils.data.Dataset):
         return self._read(self.root / "frames" / f"{i:06d}.jpg")
 
     def labels(self, i: int) -> np.ndarray:  # frame number -> [H, W] uint8 labels
-        "Decode the label image of frame `i`."
-        return self._read(self.root / "masks" / f"{i:06d}.png", cv2.IMREAD_UNCHANGED)
+        "Decode the label image of frame `i` (shoulders above the chin as torso, chapter 14, for older folders too)."
+        return detached_to_torso(self._read(self.root / "masks" / f"{i:06d}.png", cv2.IMREAD_UNCHANGED))
 
     def __len__(self) -> int: return len(self.idx)
 

@@ -10,7 +10,7 @@ from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval
 
 # %% auto #0
 __all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'TORSO_MARGIN', 'PersonSegmenter', 'frame_labels',
-           'split_labels', 'background_plate', 'nearest_of', 'nearest_outside', 'torso_bg_layer']
+           'detached_to_torso', 'split_labels', 'background_plate', 'nearest_of', 'nearest_outside', 'torso_bg_layer']
 
 # %% ../nbs/14_masks.ipynb #72f66d3b
 BACKGROUND, TORSO, HAIR, FACE, MOUTH = 0, 1, 2, 3, 4   # label values (nested regions)
@@ -60,7 +60,19 @@ def frame_labels(lms: np.ndarray,     # [478, >=2] landmarks in pixels
     lab[head] = HAIR
     lab[face] = FACE
     lab[mouth & face] = MOUTH
-    return lab
+    return detached_to_torso(lab)
+
+def detached_to_torso(lab: np.ndarray,   # [H, W] uint8 labels
+                     ) -> np.ndarray:    # [H, W] uint8 labels
+    "Head-outside-the-face regions that do not touch the face (shoulders raised above the chin) relabelled torso."
+    hair = lab == HAIR                                                        # [H, W] bool
+    n, comp = cv2.connectedComponents(hair.astype(np.uint8), connectivity=8)  # [H, W] int32, 0 off the hair
+    border = cv2.dilate((lab >= FACE).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # [H, W] face + 1 px
+    attached = np.zeros(n, bool)                                              # [n] regions that touch the face
+    attached[comp[border & hair]] = True
+    out = lab.copy()
+    out[hair & ~attached[comp]] = TORSO
+    return out
 
 def split_labels(lab: np.ndarray) -> dict[str, np.ndarray]:  # [..., H, W] uint8 -> dict of [..., H, W] bool
     "The five masks of a label image: face (with mouth), mouth, head, torso, background."

@@ -314,3 +314,21 @@ def test_get_sample_downloads_once_and_checks_sha256(tmp_path, monkeypatch):
     with pytest.raises(IOError, match="sha256"): D.get_sample("test_bad_clip.bin")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["test_only_clip.bin"]   # no partial file left
     with pytest.raises(FileNotFoundError, match="not in the manifest"): D.get_sample("no_such_clip.mp4")
+
+
+def test_older_labels_upgraded_on_read(clip64_copy):
+    "A folder written by the older label rule (a shoulder above the chin as head) reads as torso there, file untouched."
+    import cv2
+    from talkinggs.clip import FrameStore
+    from talkinggs.masks import HAIR, TORSO, FACE
+    root = clip64_copy()
+    path = root / "masks" / "000000.png"
+    lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)                         # [64, 64] uint8
+    face = np.argwhere(lab >= FACE)
+    assert len(face) and face[:, 1].min() > 8, "the synthetic face should leave the left edge free"
+    lab[-8:, :4] = HAIR                                                        # the older rule's raised shoulder
+    cv2.imwrite(str(path), lab)
+    ds = TalkingDataset(root, split="all")
+    assert (ds.labels(0)[-8:, :4] == TORSO).all()
+    assert (FrameStore(root, progress=False).labels[0, -8:, :4] == TORSO).all()
+    assert (cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[-8:, :4] == HAIR).all()   # nothing rewritten on disk
