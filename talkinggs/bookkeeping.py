@@ -12,9 +12,10 @@ import torch
 import talkinggs
 
 # %% auto #0
-__all__ = ['LOCK', 'WriteFailed', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves', 'FolderBusy',
-           'take_lock', 'release_lock', 'folder_lock', 'Interrupted', 'sigterm_as_interrupt', 'save_on_stop',
-           'one_line_warnings', 'MetricsLog', 'read_metrics', 'plot_metrics', 'versions', 'data_checksum']
+__all__ = ['LOCK', 'WriteFailed', 'stops_deferred', 'atomic_save', 'atomic_write_text', 'load_checkpoint', 'remove_partial_saves',
+           'FolderBusy', 'take_lock', 'release_lock', 'folder_lock', 'Interrupted', 'sigterm_as_interrupt',
+           'save_on_stop', 'one_line_warnings', 'MetricsLog', 'read_metrics', 'plot_metrics', 'versions',
+           'data_checksum']
 
 # %% ../nbs/04_bookkeeping.ipynb #1af2492a
 class WriteFailed(OSError):
@@ -38,14 +39,26 @@ def _replace_atomically(path: Path, write) -> None:
         if isinstance(e, OSError) and not isinstance(e, WriteFailed): raise _write_failed(path, e) from None
         raise
 
+@contextlib.contextmanager
+def stops_deferred():
+    "Inside: Ctrl-C and SIGTERM wait until the block ends, then act as they would have (main thread only)."
+    caught = []
+    def hold(signum, frame): caught.append(signum)
+    try: old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError: old = {}       # not the main thread: its signals are not ours to hold
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+        if caught: signal.raise_signal(caught[0])   # now, through the handler that was in place
+
 def atomic_save(obj, path: str | Path) -> None:
-    "torch.save to a temporary file in the same folder, fsync, then rename over `path`."
+    "torch.save to a temporary file in the same folder, fsync, then rename over `path`; a stop waits for it."
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    _replace_atomically(Path(path), write)
+    with stops_deferred(): _replace_atomically(Path(path), write)   # torch.save cut short raises a RuntimeError
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     "Write `text` to a temporary file beside `path`, then rename it over `path`."
