@@ -9,8 +9,9 @@ import numpy as np
 from .landmarks import INNER_LIP, CHIN, NOSE_TIP, face_oval
 
 # %% auto #0
-__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'TORSO_MARGIN', 'PersonSegmenter', 'frame_labels',
-           'detached_to_torso', 'split_labels', 'background_plate', 'nearest_of', 'nearest_outside', 'torso_bg_layer']
+__all__ = ['BACKGROUND', 'TORSO', 'HAIR', 'FACE', 'MOUTH', 'LABEL_NAMES', 'RIM_SHARE', 'PIECE_SHARE', 'TORSO_MARGIN',
+           'PersonSegmenter', 'frame_labels', 'detached_to_torso', 'split_labels', 'background_plate', 'nearest_of',
+           'nearest_outside', 'torso_bg_layer']
 
 # %% ../nbs/14_masks.ipynb #72f66d3b
 BACKGROUND, TORSO, HAIR, FACE, MOUTH = 0, 1, 2, 3, 4   # label values (nested regions)
@@ -62,16 +63,43 @@ def frame_labels(lms: np.ndarray,     # [478, >=2] landmarks in pixels
     lab[mouth & face] = MOUTH
     return detached_to_torso(lab)
 
+RIM_SHARE = 0.04     # width of the lower face's rim, a share of the face's height (ours: 14 px on the 71 s anchor; it
+                     # cuts the ear's thin strip that joined a raised shoulder to the hair in 5 % of its frames, and
+                     # changes no label of the two long-haired clips)
+PIECE_SHARE = 0.01   # a piece the rim cuts off stays head below this share of the face's area (ours: on the anchor
+                     # such pieces are under 0.1 % (ear tips) or over 5 % (shoulders))
+
 def detached_to_torso(lab: np.ndarray,   # [H, W] uint8 labels
                      ) -> np.ndarray:    # [H, W] uint8 labels
-    "Head-outside-the-face regions that do not touch the face (shoulders raised above the chin) relabelled torso."
-    hair = lab == HAIR                                                        # [H, W] bool
-    n, comp = cv2.connectedComponents(hair.astype(np.uint8), connectivity=8)  # [H, W] int32, 0 off the hair
-    border = cv2.dilate((lab >= FACE).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # [H, W] face + 1 px
-    attached = np.zeros(n, bool)                                              # [n] regions that touch the face
-    attached[comp[border & hair]] = True
+    "Head-outside-the-face regions not joined to the upper face (shoulders raised above the chin) relabelled torso."
+    hair, face = lab == HAIR, lab >= FACE                                     # [H, W] bool
+    if not face.any() or not hair.any(): return lab.copy()
+    rows = np.flatnonzero(face.any(1))                                        # face rows, top to bottom
+    middle = (rows[0] + rows[-1]) // 2
+    lower = face.copy()
+    lower[:middle] = False                                                    # [H, W] the face's lower half
+    k = max(1, round(RIM_SHARE * (rows[-1] - rows[0])))                       # rim width, px
+    reach = cv2.distanceTransform((~lower).astype(np.uint8), cv2.DIST_L2, 5)  # [H, W] px to the lower face
+    rim = (reach <= k) & hair                                                 # [H, W] hair hugging the lower face
+    rest = hair & ~rim                                                        # [H, W]
+    n, comp = cv2.connectedComponents(rest.astype(np.uint8), connectivity=8)  # [H, W] int32, 0 off `rest`
+    upper = cv2.dilate((face & ~lower).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # upper face + 1 px
+    joined = np.zeros(n, bool)                                                # [n] regions kept as head
+    joined[comp[upper & rest]] = True                                         # those touching the upper face
+    area = np.bincount(comp.ravel(), minlength=n)                             # [n] px per region
+    small = np.zeros(n, bool)                                                 # [n] small pieces beside the rim
+    small[comp[(reach <= k + 1) & rest]] = True
+    joined |= small & (area < PIECE_SHARE * face.sum())
+    if joined[1:].all(): return lab.copy()                                    # every region is head: nothing moves
+    keep = rest & joined[comp]                                                # [H, W]
+    if rim.any():                                                             # the rim follows its nearest region
+        _, near = cv2.distanceTransformWithLabels((~rest).astype(np.uint8), cv2.DIST_L2, 5,
+                                                  labelType=cv2.DIST_LABEL_PIXEL)  # [H, W] nearest `rest` pixel
+        fate = np.zeros(near.max() + 1, bool)                                 # [labels] kept or not
+        fate[near[rest]] = keep[rest]
+        keep |= rim & fate[near]
     out = lab.copy()
-    out[hair & ~attached[comp]] = TORSO
+    out[hair & ~keep] = TORSO
     return out
 
 def split_labels(lab: np.ndarray) -> dict[str, np.ndarray]:  # [..., H, W] uint8 -> dict of [..., H, W] bool
