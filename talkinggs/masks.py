@@ -92,12 +92,8 @@ def detached_to_torso(lab: np.ndarray,   # [H, W] uint8 labels
     joined |= small & (area < PIECE_SHARE * face.sum())
     if joined[1:].all(): return lab.copy()                                    # every region is head: nothing moves
     keep = rest & joined[comp]                                                # [H, W]
-    if rim.any():                                                             # the rim follows its nearest region
-        _, near = cv2.distanceTransformWithLabels((~rest).astype(np.uint8), cv2.DIST_L2, 5,
-                                                  labelType=cv2.DIST_LABEL_PIXEL)  # [H, W] nearest `rest` pixel
-        fate = np.zeros(near.max() + 1, bool)                                 # [labels] kept or not
-        fate[near[rest]] = keep[rest]
-        keep |= rim & fate[near]
+    near, _ = nearest_of(rest)                                                # [H, W] nearest `rest` pixel (below)
+    keep |= rim & keep.ravel()[near]                                          # the rim follows its nearest region
     out = lab.copy()
     out[hair & ~keep] = TORSO
     return out
